@@ -1,0 +1,44 @@
+// Entry point of the `detour` command. Each subcommand lives in its own module and is loaded on
+// demand, so `detour pcap-dump` does not pay for the proxy's start-up.
+
+export type Command = (argv: string[]) => Promise<number>;
+
+const commands: Record<string, { summary: string; load: () => Promise<Command> }> = {
+  'pcap-dump': {
+    summary: 'pcap-dump FILE [--port N]   one JSON line per iSCSI PDU in a pcap/pcapng file',
+    load: async () => (await import('../tools/pcap-dump.ts')).pcapDumpCommand,
+  },
+  start: {
+    summary: 'start                       run detour on embedded defaults (npm start)',
+    load: async () => (await import('./start.ts')).startCommand,
+  },
+};
+
+function usage(): string {
+  return ['usage: detour COMMAND [ARGS]', '', 'commands:', ...Object.values(commands).map((c) => `  ${c.summary}`)].join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(usage() + '\n');
+    return name === undefined ? 2 : 0;
+  }
+  const entry = commands[name];
+  if (!entry) {
+    process.stderr.write(`detour: unknown command '${name}'\n${usage()}\n`);
+    return 2;
+  }
+  try {
+    return await (await entry.load())(rest);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`detour ${name}: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+}
+
+/** A bad command-line argument: reported on stderr with exit code 2, never a stack trace. */
+export class UsageError extends Error {}
