@@ -1,0 +1,6 @@
+// iscsi-node-wire: the iSCSI wire format (RFC 7143) with no I/O.
+export * from './errors.ts';
+export * from './serial.ts';
+export * from './digest.ts';
+export * from './pdu.ts';
+export * from './framer.ts';
