@@ -4,3 +4,4 @@ export * from './serial.ts';
 export * from './digest.ts';
 export * from './pdu.ts';
 export * from './framer.ts';
+export * from './scsi/index.ts';
