@@ -5,3 +5,8 @@ export * from './digest.ts';
 export * from './pdu.ts';
 export * from './framer.ts';
 export * from './scsi/index.ts';
+export * from './text.ts';
+export * from './keys.ts';
+export * from './negotiation.ts';
+export * from './login-stage.ts';
+export * from './chap.ts';
