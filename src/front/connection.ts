@@ -1,0 +1,640 @@
+import type net from 'node:net';
+import type { Logger } from 'pino';
+import {
+  AsyncEvent,
+  decodePdu,
+  encodePdu,
+  LogoutReason,
+  LogoutResponseCode,
+  Opcode,
+  PduFramer,
+  RejectReason,
+  RESERVED_TAG,
+  snAdd,
+  snInWindow,
+  TmfFunction,
+  TmfResponse,
+  WireError,
+  type DataOut,
+  type DigestSettings,
+  type LoginRequest,
+  type LogoutRequest,
+  type NopOut,
+  type Pdu,
+  type PduInit,
+  type ScsiCommand,
+  type TaskMgmtRequest,
+  type TextRequest,
+} from 'iscsi-node-wire';
+import { Asc, buildSense, SenseKey, wrapIscsiSense } from '../../protocol/src/scsi/sense.ts';
+import type { ScsiOutcome } from '../scsi/task.ts';
+import { FrontTask } from './task.ts';
+import type { LoginController, LoginOutcome } from './login.ts';
+import type { FrontSession, SessionTable } from './session.ts';
+import type { FrontLimits, OperationalParams, TargetDirectory } from './types.ts';
+import { TextResponder } from './text.ts';
+
+export interface ConnectionHost {
+  directory: TargetDirectory;
+  sessions: SessionTable;
+  limits: FrontLimits;
+  logger: Logger;
+  newLogin(conn: FrontConnection): LoginController;
+  /** Called once a connection enters full feature phase, and when it closes. */
+  onSessionEvent?(event: 'login' | 'logout', conn: FrontConnection): void;
+}
+
+type State = 'login' | 'full-feature' | 'logged-out' | 'closed';
+
+const CHECK_CONDITION = 0x02;
+
+/**
+ * One initiator connection to the portal: login, then full feature phase. Everything that
+ * belongs to RFC 7143's transport lives here: StatSN, the CmdSN window (through the session),
+ * R2T and Data-Out handling, Data-In splitting and residuals, task management, NOP keepalives,
+ * text requests, logout, Reject for bad PDUs. SCSI semantics are the device's.
+ */
+export class FrontConnection {
+  state: State = 'login';
+  session: FrontSession | undefined;
+  cid = 0;
+  private statSN = 0;
+  private readonly framer: PduFramer;
+  private digests: DigestSettings = { headerDigest: false, dataDigest: false };
+  private readonly tasks = new Map<number, FrontTask>();
+  private readonly byTtt = new Map<number, FrontTask>();
+  private nextTtt = 1;
+  private login: LoginController | undefined;
+  private loginTimer: NodeJS.Timeout | undefined;
+  private nopTimer: NodeJS.Timeout | undefined;
+  private nopDeadline: NodeJS.Timeout | undefined;
+  private outstandingPingTtt: number | undefined;
+  private readonly text: TextResponder;
+  /** CmdSNs a task management request aborted before the command itself arrived. */
+  private readonly abortedCmdSNs = new Set<number>();
+  readonly log: Logger;
+  readonly remote: string;
+
+  constructor(
+    readonly socket: net.Socket,
+    readonly host: ConnectionHost,
+  ) {
+    this.remote = `${socket.remoteAddress}:${socket.remotePort}`;
+    this.log = host.logger.child({ remote: this.remote });
+    this.framer = new PduFramer({ maxRecvDataSegmentLength: 8192, hardCap: host.limits.maxRecvDataSegmentLength });
+    this.text = new TextResponder(this);
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
+    socket.on('close', () => this.onClose());
+    this.login = host.newLogin(this);
+    this.loginTimer = setTimeout(() => {
+      this.log.warn('login did not complete in time; closing');
+      this.close();
+    }, host.limits.loginTimeoutMs);
+  }
+
+  get params(): OperationalParams | undefined {
+    return this.session?.params;
+  }
+
+  /** Local address the initiator reached us on: what SendTargets should name. */
+  get localAddress(): { host: string; port: number } {
+    return { host: this.socket.localAddress ?? '127.0.0.1', port: this.socket.localPort ?? 3260 };
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // receive path
+
+  private onData(chunk: Buffer): void {
+    this.framer.push(chunk);
+    for (let out = this.framer.next(); out; out = this.framer.next()) {
+      if (this.state === 'closed' || this.state === 'logged-out') return;
+      if (out.error) {
+        if (out.fatal) {
+          this.log.warn({ kind: out.error.kind, err: out.error.message }, 'framing error; closing connection');
+          this.close();
+          return;
+        }
+        this.onDataDigestError(out.error);
+        continue;
+      }
+      let pdu: Pdu;
+      try {
+        pdu = decodePdu(out.frame.header, out.frame.data);
+      } catch (err) {
+        const e = err as WireError;
+        this.log.warn({ kind: e.kind, err: e.message }, 'malformed PDU');
+        if (this.state === 'login') {
+          this.close();
+          return;
+        }
+        this.reject(e.kind === 'unknown-opcode' ? RejectReason.CommandNotSupported : RejectReason.InvalidPduField, e.header ?? out.frame.header);
+        continue;
+      }
+      try {
+        this.dispatch(pdu, out.frame.header);
+      } catch (err) {
+        // A bug handling one PDU must not take the process down; it does end this connection.
+        this.log.error({ err }, 'error handling PDU; closing connection');
+        this.close();
+        return;
+      }
+    }
+  }
+
+  private dispatch(pdu: Pdu, header: Buffer): void {
+    this.armNopTimer();
+    if (this.state === 'login') {
+      if (pdu.opcode !== Opcode.LoginRequest) {
+        this.log.warn({ opcode: pdu.opcode }, 'non-login PDU during login; closing');
+        this.close();
+        return;
+      }
+      this.onLoginRequest(pdu);
+      return;
+    }
+    if (this.session?.discovery && (pdu.opcode === Opcode.ScsiCommand || pdu.opcode === Opcode.TaskMgmtRequest || pdu.opcode === Opcode.DataOut)) {
+      // A discovery session carries text and logout only (RFC 7143 4.3).
+      this.reject(RejectReason.ProtocolError, header);
+      return;
+    }
+    switch (pdu.opcode) {
+      case Opcode.NopOut:
+        return this.onNopOut(pdu);
+      case Opcode.ScsiCommand:
+        return this.onScsiCommand(pdu, header);
+      case Opcode.TaskMgmtRequest:
+        return this.onTaskMgmt(pdu);
+      case Opcode.TextRequest:
+        return this.onText(pdu);
+      case Opcode.DataOut:
+        return this.onDataOut(pdu, header);
+      case Opcode.LogoutRequest:
+        return this.onLogout(pdu);
+      case Opcode.SnackRequest:
+        // ErrorRecoveryLevel 0: there is nothing to retransmit from.
+        return this.reject(RejectReason.ProtocolError, header);
+      default:
+        // Login in full feature phase, or a target opcode sent by an initiator.
+        return this.reject(RejectReason.ProtocolError, header);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // login
+
+  private onLoginRequest(pdu: LoginRequest): void {
+    const login = this.login!;
+    let outcome: LoginOutcome;
+    try {
+      outcome = login.handle(pdu);
+    } catch (err) {
+      this.log.error({ err }, 'login handler failed');
+      this.close();
+      return;
+    }
+    if (outcome.statSN !== undefined) this.statSN = outcome.statSN;
+    this.sendRaw(outcome.response);
+    if (outcome.response.opcode === Opcode.LoginResponse && outcome.response.statusClass === 0) this.statSN = snAdd(this.statSN, 1);
+    if (outcome.close) {
+      this.socket.end();
+      this.state = 'closed';
+      return;
+    }
+    if (outcome.session) {
+      clearTimeout(this.loginTimer);
+      this.login = undefined;
+      this.session = outcome.session;
+      this.cid = pdu.cid;
+      this.state = 'full-feature';
+      const p = outcome.session.params;
+      // Digests and the negotiated receive limit start with the next PDU in each direction.
+      this.digests = { headerDigest: p.headerDigest, dataDigest: p.dataDigest };
+      this.framer.headerDigest = p.headerDigest;
+      this.framer.dataDigest = p.dataDigest;
+      this.framer.maxRecvDataSegmentLength = p.maxRecvDataSegmentLength;
+      this.armNopTimer();
+      this.host.onSessionEvent?.('login', this);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // sequencing helpers
+
+  private get expCmdSN(): number {
+    return this.session?.expCmdSN ?? 0;
+  }
+
+  private get maxCmdSN(): number {
+    return this.session?.maxCmdSN ?? 0;
+  }
+
+  private takeStatSN(): number {
+    const s = this.statSN;
+    this.statSN = snAdd(this.statSN, 1);
+    return s;
+  }
+
+  /** Runs `fn` in CmdSN order for non-immediate PDUs; immediate ones run at once. */
+  private ordered(pdu: { immediate: boolean; cmdSN: number }, fn: () => void): boolean {
+    if (pdu.immediate) {
+      fn();
+      return true;
+    }
+    const admitted = this.session!.admit(pdu.cmdSN, () => {
+      if (this.abortedCmdSNs.delete(pdu.cmdSN)) return; // aborted before it arrived
+      fn();
+    });
+    if (!admitted) {
+      this.log.debug({ cmdSN: pdu.cmdSN, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN }, 'CmdSN outside the window; ignored');
+    }
+    return admitted;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // NOP
+
+  private onNopOut(pdu: NopOut): void {
+    if (pdu.itt === RESERVED_TAG) {
+      // The answer to our ping (or a one-way ping): nothing to send back.
+      if (pdu.ttt !== RESERVED_TAG && pdu.ttt === this.outstandingPingTtt) {
+        this.outstandingPingTtt = undefined;
+        clearTimeout(this.nopDeadline);
+      }
+      return;
+    }
+    this.ordered(pdu, () => {
+      const max = this.params?.maxSendDataSegmentLength ?? 8192;
+      this.send({
+        opcode: Opcode.NopIn, itt: pdu.itt, ttt: RESERVED_TAG, lun: pdu.lun,
+        statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
+        data: pdu.data.subarray(0, max),
+      });
+    });
+  }
+
+  private armNopTimer(): void {
+    const interval = this.host.limits.nopInIntervalMs;
+    if (this.state !== 'full-feature' || interval <= 0) return;
+    if (this.nopTimer) {
+      this.nopTimer.refresh();
+      return;
+    }
+    this.nopTimer = setTimeout(() => this.ping(), interval);
+    this.nopTimer.unref();
+  }
+
+  private ping(): void {
+    this.nopTimer = undefined;
+    if (this.state !== 'full-feature') return;
+    if (this.outstandingPingTtt === undefined) {
+      const ttt = this.allocTtt();
+      this.outstandingPingTtt = ttt;
+      this.send({ opcode: Opcode.NopIn, itt: RESERVED_TAG, ttt, lun: 0, statSN: this.statSN, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN });
+      this.nopDeadline = setTimeout(() => {
+        this.log.warn('initiator did not answer NOP-In; closing connection');
+        this.close();
+      }, this.host.limits.nopInTimeoutMs);
+      this.nopDeadline.unref();
+    }
+    this.armNopTimer();
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // SCSI commands and data
+
+  private allocTtt(): number {
+    for (;;) {
+      const t = this.nextTtt;
+      this.nextTtt = this.nextTtt >= 0xfffffffe ? 1 : this.nextTtt + 1;
+      if (!this.byTtt.has(t)) return t;
+    }
+  }
+
+  private onScsiCommand(pdu: ScsiCommand, header: Buffer): void {
+    if (this.tasks.has(pdu.itt)) {
+      this.log.warn({ itt: pdu.itt }, 'ITT already in use by a task in progress');
+      this.reject(RejectReason.InvalidPduField, header);
+      return;
+    }
+    const params = this.params!;
+    if (pdu.data.length > 0 && (!pdu.write || !params.immediateData || pdu.data.length > params.firstBurstLength)) {
+      this.reject(RejectReason.ProtocolError, header);
+      return;
+    }
+    // The task exists from arrival, so unsolicited Data-Out for a command that waits for a CmdSN
+    // gap to fill has somewhere to go; it runs once it is both in order and complete.
+    const task = new FrontTask(this, pdu);
+    this.tasks.set(pdu.itt, task);
+    const admitted = this.ordered(pdu, () => {
+      task.delivered = true;
+      this.maybeExecute(task);
+    });
+    if (!admitted) {
+      this.tasks.delete(pdu.itt);
+      return;
+    }
+    if (pdu.write && pdu.expectedDataTransferLength > this.host.limits.maxCommandDataLength) {
+      task.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ILLEGAL_REQUEST, ...Asc.INVALID_FIELD_IN_CDB }));
+      return;
+    }
+    task.start();
+    this.maybeExecute(task);
+  }
+
+  registerR2T(task: FrontTask): number {
+    const ttt = this.allocTtt();
+    this.byTtt.set(ttt, task);
+    return ttt;
+  }
+
+  releaseR2T(ttt: number): void {
+    this.byTtt.delete(ttt);
+  }
+
+  private onDataOut(pdu: DataOut, header: Buffer): void {
+    const task = pdu.ttt === RESERVED_TAG ? this.tasks.get(pdu.itt) : this.byTtt.get(pdu.ttt);
+    if (!task || task.itt !== pdu.itt) {
+      // Data for a command we ignored, aborted or already failed: drop it quietly.
+      this.log.debug({ itt: pdu.itt, ttt: pdu.ttt }, 'Data-Out for no active task');
+      return;
+    }
+    const problem = task.acceptData(pdu);
+    if (problem) {
+      this.log.warn({ itt: pdu.itt, problem }, 'bad Data-Out');
+      this.reject(RejectReason.ProtocolError, header);
+      task.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ABORTED_COMMAND, ...Asc.DATA_PHASE_ERROR }));
+      return;
+    }
+    this.maybeExecute(task);
+  }
+
+  private onDataDigestError(err: WireError): void {
+    const h = err.header;
+    this.log.warn({ itt: h?.readUInt32BE(16) }, 'data digest error');
+    if (h) this.reject(RejectReason.DataDigestError, h);
+    // ERL 0 cannot ask for the data again: the command it belonged to fails.
+    if (h && (h[0]! & 0x3f) === Opcode.DataOut) {
+      const task = this.tasks.get(h.readUInt32BE(16));
+      task?.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ABORTED_COMMAND, ...Asc.PROTOCOL_SERVICE_CRC_ERROR }));
+    }
+  }
+
+  private maybeExecute(task: FrontTask): void {
+    if (!task.delivered || !task.dataComplete || task.executing || task.finished) return;
+    task.executing = true;
+    const device = this.session!.target!.device;
+    const started = process.hrtime.bigint();
+    task.done = device
+      .execute(task.toScsiTask(this.session!.nexus))
+      .catch((err: unknown): ScsiOutcome => {
+        this.log.error({ err, itt: task.itt }, 'SCSI executor failed');
+        return { status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.HARDWARE_ERROR, ...Asc.INTERNAL_TARGET_FAILURE }) };
+      })
+      .then((outcome) => {
+        task.elapsedNs = process.hrtime.bigint() - started;
+        this.complete(task, outcome);
+      });
+  }
+
+  /** Sends a task's data and status, with the residuals RFC 7143 11.4.5 describes. */
+  complete(task: FrontTask, outcome: ScsiOutcome): void {
+    if (task.finished) return;
+    task.finish();
+    this.tasks.delete(task.itt);
+    if (task.aborted || this.state !== 'full-feature') return;
+    const edtl = task.expectedDataTransferLength;
+    let overflow = false;
+    let underflow = false;
+    let residual = 0;
+    let dataIn = outcome.dataIn;
+    const dataInLength = task.dataInLength;
+    if (task.read && dataIn) {
+      if (dataIn.length > dataInLength) {
+        overflow = true;
+        residual = dataIn.length - dataInLength;
+        dataIn = dataIn.subarray(0, dataInLength);
+      } else if (dataIn.length < dataInLength) {
+        underflow = true;
+        residual = dataInLength - dataIn.length;
+      }
+    } else if (task.read && outcome.status === 0 && !task.write) {
+      if (dataInLength > 0) {
+        underflow = true;
+        residual = dataInLength;
+      }
+    }
+    if (task.write && outcome.dataOutLength !== undefined && !task.read) {
+      if (outcome.dataOutLength < edtl) {
+        underflow = true;
+        residual = edtl - outcome.dataOutLength;
+      } else if (outcome.dataOutLength > edtl) {
+        overflow = true;
+        residual = outcome.dataOutLength - edtl;
+      }
+    }
+    const sense = outcome.sense;
+    const statusInData = !!dataIn && dataIn.length > 0 && outcome.status === 0 && !sense && (outcome.response ?? 0) === 0;
+    if (dataIn && dataIn.length > 0) this.sendDataIn(task, dataIn, statusInData ? { overflow, underflow, residual } : undefined);
+    if (!statusInData) {
+      this.send({
+        opcode: Opcode.ScsiResponse, itt: task.itt,
+        bidiOverflow: false, bidiUnderflow: false, overflow, underflow,
+        response: outcome.response ?? 0, status: outcome.status,
+        snackTag: 0, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
+        expDataSN: task.dataSN + task.r2tSN, bidiReadResidualCount: 0, residualCount: residual,
+        data: sense && sense.length > 0 ? wrapIscsiSense(sense) : undefined,
+      });
+    }
+    task.outcome = outcome;
+  }
+
+  private sendDataIn(task: FrontTask, data: Buffer, status: { overflow: boolean; underflow: boolean; residual: number } | undefined): void {
+    const p = this.params!;
+    const seg = p.maxSendDataSegmentLength;
+    const burst = p.maxBurstLength;
+    let off = 0;
+    while (off < data.length) {
+      const burstEnd = Math.min(data.length, (Math.floor(off / burst) + 1) * burst);
+      const len = Math.min(seg, burstEnd - off);
+      const end = off + len;
+      const last = end === data.length;
+      const withStatus = last && status !== undefined;
+      this.send({
+        opcode: Opcode.DataIn, itt: task.itt, final: end === burstEnd, acknowledge: false,
+        overflow: withStatus && status.overflow, underflow: withStatus && status.underflow,
+        statusPresent: withStatus, status: 0, lun: task.lun, ttt: RESERVED_TAG,
+        statSN: withStatus ? this.takeStatSN() : 0, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
+        dataSN: task.dataSN++, bufferOffset: off, residualCount: withStatus ? status.residual : 0,
+        data: data.subarray(off, end),
+      });
+      off = end;
+    }
+  }
+
+  sendR2T(task: FrontTask, ttt: number, offset: number, length: number, r2tSN: number): void {
+    this.send({
+      opcode: Opcode.R2T, itt: task.itt, ttt, lun: task.lun, statSN: this.statSN, expCmdSN: this.expCmdSN,
+      maxCmdSN: this.maxCmdSN, r2tSN, bufferOffset: offset, desiredDataTransferLength: length,
+    });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // task management
+
+  private onTaskMgmt(pdu: TaskMgmtRequest): void {
+    this.ordered(pdu, () => {
+      void this.taskMgmt(pdu).then((response) => {
+        if (this.state !== 'full-feature') return;
+        this.send({ opcode: Opcode.TaskMgmtResponse, itt: pdu.itt, response, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN });
+      });
+    });
+  }
+
+  private async taskMgmt(pdu: TaskMgmtRequest): Promise<number> {
+    const session = this.session!;
+    const device = session.target!.device;
+    const abortWhere = async (pred: (t: FrontTask) => boolean): Promise<void> => {
+      const victims = [...this.tasks.values()].filter(pred);
+      for (const t of victims) {
+        t.abort();
+        this.tasks.delete(t.itt);
+      }
+      // RFC 7143 4.2.3.? : the response follows the termination of every affected task.
+      await Promise.allSettled(victims.map((t) => t.done));
+    };
+    switch (pdu.function) {
+      case TmfFunction.AbortTask: {
+        const t = this.tasks.get(pdu.referencedTaskTag);
+        if (t && t.lun === pdu.lun) {
+          await abortWhere((x) => x === t);
+          return TmfResponse.Complete;
+        }
+        // The command may not have arrived yet (it is still inside the window): treat it as
+        // aborted so it never runs, and answer Function Complete (RFC 7143 11.5.1).
+        if (snInWindow(pdu.refCmdSN, this.expCmdSN, this.maxCmdSN)) {
+          this.abortedCmdSNs.add(pdu.refCmdSN);
+          return TmfResponse.Complete;
+        }
+        return TmfResponse.NoSuchTask;
+      }
+      case TmfFunction.AbortTaskSet:
+      case TmfFunction.ClearTaskSet:
+        await abortWhere((x) => x.lun === pdu.lun);
+        if (pdu.function === TmfFunction.ClearTaskSet && device.reset) return device.reset(session.nexus, 'clear-task-set', pdu.lun);
+        return TmfResponse.Complete;
+      case TmfFunction.LogicalUnitReset:
+        await abortWhere((x) => x.lun === pdu.lun);
+        return device.reset ? device.reset(session.nexus, 'lun', pdu.lun) : TmfResponse.Complete;
+      case TmfFunction.TargetWarmReset:
+      case TmfFunction.TargetColdReset:
+        await abortWhere(() => true);
+        return device.reset ? device.reset(session.nexus, pdu.function === TmfFunction.TargetWarmReset ? 'target-warm' : 'target-cold', pdu.lun) : TmfResponse.Complete;
+      case TmfFunction.TaskReassign:
+        return TmfResponse.ReassignNotSupported;
+      default:
+        return TmfResponse.NotSupported;
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // text and logout
+
+  private onText(pdu: TextRequest): void {
+    this.ordered(pdu, () => this.text.handle(pdu));
+  }
+
+  sendText(p: PduInit): void {
+    this.send(p);
+  }
+
+  nextStatSN(): number {
+    return this.takeStatSN();
+  }
+
+  windowFields(): { expCmdSN: number; maxCmdSN: number } {
+    return { expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN };
+  }
+
+  private onLogout(pdu: LogoutRequest): void {
+    this.ordered(pdu, () => {
+      let response: number = LogoutResponseCode.Success;
+      if (pdu.reasonCode === LogoutReason.RemoveConnectionForRecovery) response = LogoutResponseCode.RecoveryNotSupported;
+      else if (pdu.reasonCode === LogoutReason.CloseConnection && pdu.cid !== this.cid) response = LogoutResponseCode.CidNotFound;
+      const finish = () => {
+        this.send({
+          opcode: Opcode.LogoutResponse, itt: pdu.itt, response, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN,
+          maxCmdSN: this.maxCmdSN, time2Wait: 0, time2Retain: 0,
+        });
+        if (response === LogoutResponseCode.Success) {
+          this.state = 'logged-out';
+          this.log.info({ reason: pdu.reasonCode }, 'logout');
+          this.socket.end();
+        }
+      };
+      if (response !== LogoutResponseCode.Success) return finish();
+      // Commands still running finish (and answer) before the logout does.
+      const running = [...this.tasks.values()].map((t) => t.done);
+      void Promise.allSettled(running).then(finish);
+    });
+  }
+
+  /** AsyncEvent 1: ask the initiator to log out within `seconds` (RFC 7143 11.9.1). */
+  requestLogout(seconds: number): void {
+    if (this.state !== 'full-feature') return;
+    this.send({
+      opcode: Opcode.AsyncMessage, itt: RESERVED_TAG, lun: 0, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
+      asyncEvent: AsyncEvent.RequestLogout, asyncVCode: 0, parameter1: 0, parameter2: 0, parameter3: Math.max(0, Math.min(0xffff, seconds)),
+    });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // send path and teardown
+
+  reject(reason: number, header: Buffer): void {
+    this.send({
+      opcode: Opcode.Reject, itt: RESERVED_TAG, reason, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
+      dataSN: 0, data: Buffer.from(header.subarray(0, 48)),
+    });
+  }
+
+  send(p: PduInit): void {
+    if (this.state === 'closed' || this.socket.destroyed) return;
+    this.sendRaw(p);
+  }
+
+  private sendRaw(p: PduInit): void {
+    const parts = encodePdu(p, this.digests);
+    if (parts.length === 1) {
+      this.socket.write(parts[0]!);
+      return;
+    }
+    this.socket.cork();
+    for (const b of parts) this.socket.write(b);
+    this.socket.uncork();
+  }
+
+  close(): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    this.socket.destroy();
+  }
+
+  private onClose(): void {
+    const wasFull = this.session !== undefined;
+    this.state = 'closed';
+    clearTimeout(this.loginTimer);
+    clearTimeout(this.nopTimer);
+    clearTimeout(this.nopDeadline);
+    for (const t of this.tasks.values()) t.abort();
+    this.tasks.clear();
+    this.byTtt.clear();
+    if (wasFull) this.host.onSessionEvent?.('logout', this);
+  }
+
+  /** The task with this ITT, for tests and diagnostics. */
+  taskCount(): number {
+    return this.tasks.size;
+  }
+}

@@ -1,0 +1,190 @@
+import { RESERVED_TAG, type DataOut, type ScsiCommand } from 'iscsi-node-wire';
+import type { ItNexus, ScsiOutcome, ScsiTask } from '../scsi/task.ts';
+import type { FrontConnection } from './connection.ts';
+
+interface R2TSequence {
+  ttt: number;
+  r2tSN: number;
+  offset: number;
+  end: number;
+  next: number;
+  expDataSN: number;
+}
+
+/**
+ * A SCSI command on the target side, from arrival to status: it gathers the Data-Out (immediate,
+ * unsolicited, then solicited by R2T within MaxBurstLength/MaxOutstandingR2T) and records what
+ * the response needs (DataSN, R2TSN, residual inputs).
+ */
+export class FrontTask {
+  readonly itt: number;
+  readonly lun: number;
+  readonly cdb: Buffer;
+  readonly attr: number;
+  readonly read: boolean;
+  readonly write: boolean;
+  readonly cmdSN: number;
+  readonly expectedDataTransferLength: number;
+  readonly dataInLength: number;
+  /** Gathered Data-Out. */
+  private buffer: Buffer | undefined;
+  private received = 0;
+  private unsolicitedOpen = false;
+  private unsolicitedEnd = 0;
+  private unsolicitedExpDataSN = 0;
+  private solicitNext = 0;
+  private readonly r2ts = new Map<number, R2TSequence>();
+  readonly controller = new AbortController();
+  delivered = false;
+  executing = false;
+  finished = false;
+  aborted = false;
+  dataSN = 0;
+  r2tSN = 0;
+  done: Promise<void> = Promise.resolve();
+  outcome: ScsiOutcome | undefined;
+  elapsedNs = 0n;
+
+  constructor(
+    private readonly conn: FrontConnection,
+    pdu: ScsiCommand,
+  ) {
+    this.itt = pdu.itt;
+    this.lun = pdu.lun;
+    this.cdb = pdu.cdb;
+    this.attr = pdu.attr;
+    this.read = pdu.read;
+    this.write = pdu.write;
+    this.cmdSN = pdu.cmdSN;
+    this.expectedDataTransferLength = pdu.expectedDataTransferLength;
+    // For a bidirectional command the read length comes from the AHS; EDTL is the write length.
+    this.dataInLength = pdu.read ? (pdu.write ? (pdu.bidiReadDataLength ?? 0) : pdu.expectedDataTransferLength) : 0;
+    if (pdu.write && pdu.expectedDataTransferLength > 0) {
+      this.immediate = pdu.data;
+      this.unsolicitedFinal = pdu.final;
+    }
+  }
+
+  private immediate: Buffer | undefined;
+  private unsolicitedFinal = true;
+
+  get dataComplete(): boolean {
+    return !this.write || this.received >= this.expectedDataTransferLength;
+  }
+
+  /** Begins data collection: takes immediate data, opens unsolicited data or sends R2Ts. */
+  start(): void {
+    if (!this.write || this.expectedDataTransferLength === 0) return;
+    const edtl = this.expectedDataTransferLength;
+    const imm = this.immediate ?? Buffer.alloc(0);
+    this.immediate = undefined;
+    if (imm.length >= edtl) {
+      // Everything came as immediate data: no copy at all.
+      this.buffer = imm.subarray(0, edtl);
+      this.received = edtl;
+      return;
+    }
+    this.buffer = Buffer.allocUnsafe(edtl);
+    imm.copy(this.buffer, 0);
+    this.received = imm.length;
+    const p = this.conn.params!;
+    this.unsolicitedEnd = imm.length;
+    if (!p.initialR2T && !this.unsolicitedFinal) {
+      this.unsolicitedOpen = true;
+      return;
+    }
+    this.solicitNext = this.received;
+    this.solicit();
+  }
+
+  /** Accepts one Data-Out PDU; returns a description of the problem if it breaks the rules. */
+  acceptData(pdu: DataOut): string | undefined {
+    if (this.finished || !this.buffer) return undefined;
+    const len = pdu.data.length;
+    if (pdu.ttt === RESERVED_TAG) {
+      if (!this.unsolicitedOpen) return 'unsolicited Data-Out not expected';
+      const p = this.conn.params!;
+      if (pdu.dataSN !== this.unsolicitedExpDataSN) return `DataSN ${pdu.dataSN}, expected ${this.unsolicitedExpDataSN}`;
+      if (pdu.bufferOffset !== this.unsolicitedEnd) return `buffer offset ${pdu.bufferOffset}, expected ${this.unsolicitedEnd}`;
+      const limit = Math.min(p.firstBurstLength, this.expectedDataTransferLength);
+      if (pdu.bufferOffset + len > limit) return 'unsolicited data beyond FirstBurstLength';
+      pdu.data.copy(this.buffer, pdu.bufferOffset);
+      this.unsolicitedExpDataSN++;
+      this.unsolicitedEnd += len;
+      this.received += len;
+      if (pdu.final || this.unsolicitedEnd === limit) {
+        this.unsolicitedOpen = false;
+        this.solicitNext = this.unsolicitedEnd;
+        this.solicit();
+      }
+      return undefined;
+    }
+    const seq = this.r2ts.get(pdu.ttt);
+    if (!seq) return 'Data-Out for an unknown R2T';
+    if (pdu.dataSN !== seq.expDataSN) return `DataSN ${pdu.dataSN}, expected ${seq.expDataSN}`;
+    if (pdu.bufferOffset !== seq.next) return `buffer offset ${pdu.bufferOffset}, expected ${seq.next}`;
+    if (seq.next + len > seq.end) return 'Data-Out beyond the R2T';
+    pdu.data.copy(this.buffer, pdu.bufferOffset);
+    seq.next += len;
+    seq.expDataSN++;
+    this.received += len;
+    if (seq.next === seq.end || pdu.final) {
+      if (seq.next !== seq.end) return 'Data-Out sequence ended short of the R2T';
+      this.r2ts.delete(seq.ttt);
+      this.conn.releaseR2T(seq.ttt);
+      this.solicit();
+    }
+    return undefined;
+  }
+
+  /** Keeps up to MaxOutstandingR2T R2Ts of at most MaxBurstLength in flight. */
+  private solicit(): void {
+    const p = this.conn.params!;
+    const edtl = this.expectedDataTransferLength;
+    while (this.solicitNext < edtl && this.r2ts.size < p.maxOutstandingR2T) {
+      const len = Math.min(p.maxBurstLength, edtl - this.solicitNext);
+      const ttt = this.conn.registerR2T(this);
+      const seq: R2TSequence = { ttt, r2tSN: this.r2tSN++, offset: this.solicitNext, end: this.solicitNext + len, next: this.solicitNext, expDataSN: 0 };
+      this.r2ts.set(ttt, seq);
+      this.solicitNext += len;
+      this.conn.sendR2T(this, ttt, seq.offset, len, seq.r2tSN);
+    }
+  }
+
+  toScsiTask(nexus: ItNexus): ScsiTask {
+    return {
+      nexus,
+      lun: this.lun,
+      cdb: this.cdb,
+      attr: this.attr,
+      itt: this.itt,
+      dataOut: this.buffer ? this.buffer.subarray(0, this.received) : Buffer.alloc(0),
+      dataInLength: this.dataInLength,
+      signal: this.controller.signal,
+    };
+  }
+
+  /** Ends the task with a status before (or instead of) running it. */
+  failEarly(status: number, sense: Buffer): void {
+    if (this.finished) return;
+    this.releaseAll();
+    this.conn.complete(this, { status, sense });
+  }
+
+  finish(): void {
+    this.finished = true;
+    this.releaseAll();
+  }
+
+  abort(): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.controller.abort();
+    this.finish();
+  }
+
+  private releaseAll(): void {
+    for (const ttt of this.r2ts.keys()) this.conn.releaseR2T(ttt);
+    this.r2ts.clear();
+  }
+}
