@@ -106,9 +106,16 @@ export class FrontConnection {
   // ------------------------------------------------------------------------------------------
   // receive path
 
+  /** Set while an asynchronous step (a login that opens a backend session) holds the input. */
+  private blocked = false;
+
   private onData(chunk: Buffer): void {
     this.framer.push(chunk);
-    for (let out = this.framer.next(); out; out = this.framer.next()) {
+    this.pump();
+  }
+
+  private pump(): void {
+    for (let out = this.blocked ? undefined : this.framer.next(); out; out = this.blocked ? undefined : this.framer.next()) {
       if (this.state === 'closed' || this.state === 'logged-out') return;
       if (out.error) {
         if (out.fatal) {
@@ -186,14 +193,38 @@ export class FrontConnection {
 
   private onLoginRequest(pdu: LoginRequest): void {
     const login = this.login!;
-    let outcome: LoginOutcome;
+    let result: LoginOutcome | Promise<LoginOutcome>;
     try {
-      outcome = login.handle(pdu);
+      result = login.handle(pdu);
     } catch (err) {
       this.log.error({ err }, 'login handler failed');
       this.close();
       return;
     }
+    if (result instanceof Promise) {
+      // The final step may wait for the device (e.g. a backend session to the main target):
+      // hold further input until it is answered.
+      this.blocked = true;
+      this.socket.pause();
+      result.then(
+        (outcome) => {
+          this.blocked = false;
+          if (this.state === 'closed') return;
+          this.finishLogin(pdu, outcome);
+          this.socket.resume();
+          this.pump();
+        },
+        (err: unknown) => {
+          this.log.error({ err }, 'login handler failed');
+          this.close();
+        },
+      );
+      return;
+    }
+    this.finishLogin(pdu, result);
+  }
+
+  private finishLogin(pdu: LoginRequest, outcome: LoginOutcome): void {
     if (outcome.statSN !== undefined) this.statSN = outcome.statSN;
     this.sendRaw(outcome.response);
     if (outcome.response.opcode === Opcode.LoginResponse && outcome.response.statusClass === 0) this.statSN = snAdd(this.statSN, 1);
@@ -433,6 +464,9 @@ export class FrontConnection {
         overflow = true;
         residual = outcome.dataOutLength - edtl;
       }
+    }
+    if (outcome.residual) {
+      ({ overflow, underflow, count: residual } = outcome.residual);
     }
     const sense = outcome.sense;
     const statusInData = !!dataIn && dataIn.length > 0 && outcome.status === 0 && !sense && (outcome.response ?? 0) === 0;

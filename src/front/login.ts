@@ -85,7 +85,7 @@ export class LoginController {
     this.machine = new LoginStageMachine();
   }
 
-  handle(pdu: LoginRequest): LoginOutcome {
+  handle(pdu: LoginRequest): LoginOutcome | Promise<LoginOutcome> {
     if (!this.first) {
       this.first = pdu;
       this.statSN = pdu.expStatSN;
@@ -210,7 +210,7 @@ export class LoginController {
     return undefined;
   }
 
-  private complete(pdu: LoginRequest, fields: LoginResponseFields, reply: TextPair[]): LoginOutcome {
+  private complete(pdu: LoginRequest, fields: LoginResponseFields, reply: TextPair[]): LoginOutcome | Promise<LoginOutcome> {
     const negotiator = this.negotiator!;
     const params = toOperationalParams(negotiator.params());
     const sessions = this.host.sessions;
@@ -232,8 +232,24 @@ export class LoginController {
       }
       session = new FrontSession(sessions.allocateTsih(), Buffer.from(pdu.isid), this.initiatorName, this.target, this.discovery, params, pdu.cmdSN, this.host.limits.commandWindow);
       sessions.add(session);
-      if (!this.discovery) void this.target?.device.nexusOpened?.(session.nexus);
+      const opened = this.discovery ? undefined : this.target?.device.nexusOpened?.(session.nexus);
+      if (opened instanceof Promise) {
+        const s = session;
+        return opened.then(
+          () => this.admit(pdu, fields, reply, s),
+          (err: unknown) => {
+            sessions.remove(s);
+            const status = (err as { loginStatus?: number }).loginStatus;
+            this.conn.log.warn({ err: (err as Error).message }, 'device refused the nexus');
+            return this.fail(pdu, (status ?? LoginStatus.TargetError) as LoginStatusCode, 'device refused the nexus');
+          },
+        );
+      }
     }
+    return this.admit(pdu, fields, reply, session);
+  }
+
+  private admit(pdu: LoginRequest, fields: LoginResponseFields, reply: TextPair[], session: FrontSession): LoginOutcome {
     session.connections.add(this.conn);
     this.conn.log.info({ initiator: this.initiatorName, tsih: session.tsih, target: this.target?.name, discovery: this.discovery }, 'login');
     const response = this.response(pdu, fields, reply, session.tsih, session.expCmdSN, session.maxCmdSN);

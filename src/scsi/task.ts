@@ -53,6 +53,12 @@ export interface ScsiOutcome {
    */
   dataOutLength?: number;
   /**
+   * The residual as the executor knows it; it replaces the transport's own computation. A proxy
+   * passes the main target's residual through this way, so overflow is reported even though the
+   * data it forwards never exceeds the initiator's buffer.
+   */
+  residual?: { overflow: boolean; underflow: boolean; count: number };
+  /**
    * iSCSI Response code: 0 (completed at target) unless the target failed to deliver any SCSI
    * status at all, e.g. because its backend vanished (0x01, target failure).
    */
