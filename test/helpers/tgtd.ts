@@ -89,8 +89,11 @@ export class Tgtd {
     }
   }
 
+  private readonly tids = new Set<number>();
+
   async addTarget(t: TgtTarget): Promise<void> {
     await this.adm(['--op', 'new', '--mode', 'target', '--tid', String(t.tid), '-T', t.iqn]);
+    this.tids.add(t.tid);
     for (const l of t.luns) {
       if (!fs.existsSync(l.file)) {
         fs.writeFileSync(l.file, '');
@@ -109,14 +112,22 @@ export class Tgtd {
     const pid = this.proc.pid;
     if (pid !== undefined && this.proc.exitCode === null && this.proc.signalCode === null) {
       const gone = new Promise<void>((resolve) => this.proc.once('exit', () => resolve()));
-      process.kill(pid, 'SIGTERM');
+      // tgtd takes its signals through signalfd and ignores SIGTERM; the supported way to stop
+      // it is through its control port. SIGKILL by PID is the fallback.
+      // "delete system" refuses while targets exist, so the targets go first.
+      try {
+        for (const tid of this.tids) await run('tgtadm', ['-C', String(this.controlPort), '--lld', 'iscsi', '--op', 'delete', '--mode', 'target', '--tid', String(tid), '--force'], { timeout: 2000 });
+        await run('tgtadm', ['-C', String(this.controlPort), '--op', 'delete', '--mode', 'system'], { timeout: 2000 });
+      } catch {
+        /* fall through to SIGKILL */
+      }
       const timer = setTimeout(() => {
         try {
           process.kill(pid, 'SIGKILL');
         } catch {
           /* already gone */
         }
-      }, 3000);
+      }, 2000);
       await gone;
       clearTimeout(timer);
     }

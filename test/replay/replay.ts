@@ -244,7 +244,7 @@ export async function replay(recorded: RecordedPdu[], opts: ReplayOptions): Prom
         const a = comparable(rec, opts.recordedPortal, livePortal, false);
         const b = comparable(live, opts.recordedPortal, livePortal, true);
         for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) {
-          if (JSON.stringify(a[k]) !== JSON.stringify(b[k])) mismatch({ index: i, conn: r.conn, pdu: name, field: k, recorded: a[k], live: b[k] });
+          if (JSON.stringify(a[k]) !== JSON.stringify(b[k])) mismatch({ index: i, conn: r.conn, pdu: name, field: k, ...summarize(a[k], b[k]) });
         }
       }
       if (lastIndex.get(r.conn) === i && c && !c.closed) {
@@ -259,6 +259,18 @@ export async function replay(recorded: RecordedPdu[], opts: ReplayOptions): Prom
     for (const c of conns.values()) c.socket.destroy();
   }
   return report;
+}
+
+/** Long hex payloads are reported by their first difference, not in full. */
+function summarize(recorded: unknown, live: unknown): { recorded: unknown; live: unknown } {
+  if (typeof recorded !== 'string' || typeof live !== 'string' || recorded.length + live.length < 200) return { recorded, live };
+  let i = 0;
+  while (i < recorded.length && recorded[i] === live[i]) i++;
+  const at = i - (i % 2);
+  return {
+    recorded: `${recorded.length / 2} bytes, from byte ${at / 2}: ${recorded.slice(at, at + 32)}`,
+    live: `${live.length / 2} bytes, from byte ${at / 2}: ${live.slice(at, at + 32)}`,
+  };
 }
 
 /** Records what the target assigned so later requests can echo the live values. */
