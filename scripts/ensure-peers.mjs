@@ -15,6 +15,7 @@ const peers = [
   { bin: 'qemu-nbd', pkg: 'qemu-utils' },
   { bin: 'fio', pkg: 'fio' },
   { bin: 'tshark', pkg: 'tshark' },
+  { bin: 'dumpcap', pkg: 'tshark' },
 ];
 // qemu-utils alone cannot open iscsi:// URLs: the libiscsi block driver ships in qemu-block-extra.
 const extraPackages = ['qemu-block-extra'];

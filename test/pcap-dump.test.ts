@@ -1,144 +1,22 @@
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { encodePduBuffer, type DigestSettings, type PduInit } from 'iscsi-node-wire';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dumpCapture } from '../src/tools/pcap-dump.ts';
 import { CaptureFormatError, openCapture } from '../src/tools/pcap/pcap-file.ts';
 import { Conversation, gzip, writePcap, writePcapng } from './pcap-writer.ts';
+import { ourPdus, parseLines, repoRoot, runCli, tsharkPdus, TSHARK_NO_DSL, type Line } from './helpers/pcap-compare.ts';
 
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const capturesDir = path.resolve(repoRoot, '../shared/captures');
 const CAPTURE_PORT = 3290;
-
-interface Line {
-  frame: number;
-  conn: number;
-  dir: 'i2t' | 't2i';
-  opcode: number;
-  name: string;
-  itt: number;
-  flags: number;
-  dataSegmentLength: number;
-  cmdsn?: number;
-  statsn?: number;
-  keys?: Record<string, string | string[]>;
-  [field: string]: unknown;
-}
-
-function runCli(args: string[], input?: Buffer): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [path.join(repoRoot, 'bin/detour.js'), 'pcap-dump', ...args], {
-    cwd: repoRoot,
-    encoding: 'utf8',
-    maxBuffer: 256 * 1024 * 1024,
-    ...(input ? { input } : {}),
-  });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
-
-function parseLines(stdout: string): Line[] {
-  return stdout
-    .split('\n')
-    .filter((l) => l !== '')
-    .map((l) => JSON.parse(l) as Line);
-}
 
 function dump(file: Buffer, port = 3260): { lines: Line[]; warnings: string[] } {
   let out = '';
   const warnings: string[] = [];
   dumpCapture(file, { port, write: (s) => (out += s), warn: (m) => warnings.push(m) });
   return { lines: parseLines(out), warnings };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Agreement with tshark on the recorded sessions
-
-/** The fields both tools must agree on, one entry per PDU, in capture order. */
-interface Comparable {
-  frame: number;
-  conn: number;
-  opcode: number;
-  itt: number;
-  cmdsn: number | null;
-  statsn: number | null;
-  /** null where tshark does not show the field. */
-  dataSegmentLength: number | null;
-}
-
-// tshark shows CmdSN for these initiator PDUs and StatSN for every target PDU (Data-In even
-// without the S bit); SNACK and Data-Out carry neither.
-const CMDSN_OPCODES = new Set([0x00, 0x01, 0x02, 0x03, 0x04, 0x06]);
-const hasStatSN = (opcode: number) => opcode >= 0x20;
-// tshark leaves DataSegmentLength out for Task Management Responses (always 0 there).
-const TSHARK_NO_DSL = new Set([0x22]);
-
-function tsharkPdus(file: string): Comparable[] {
-  const out = execFileSync(
-    'tshark',
-    [
-      '-r', file,
-      '-d', `tcp.port==${CAPTURE_PORT},iscsi`,
-      '-T', 'fields',
-      '-E', 'separator=/t',
-      '-E', 'aggregator=,',
-      '-e', 'frame.number',
-      '-e', 'tcp.stream',
-      '-e', 'iscsi.opcode',
-      '-e', 'iscsi.initiatortasktag',
-      '-e', 'iscsi.cmdsn',
-      '-e', 'iscsi.statsn',
-      '-e', 'iscsi.datasegmentlength',
-    ],
-    { encoding: 'utf8', maxBuffer: 256 * 1024 * 1024, stdio: ['ignore', 'pipe', 'ignore'] },
-  );
-  const pdus: Comparable[] = [];
-  for (const row of out.split('\n')) {
-    if (row.trim() === '') continue;
-    const [frameText, streamText, opText, ittText, cmdText, statText, dslText] = row.split('\t');
-    if (!opText) continue;
-    const list = (s: string | undefined) => (s ? s.split(',').map((x) => Number(x)) : []);
-    const opcodes = list(opText);
-    const itts = list(ittText);
-    const dsls = list(dslText);
-    const cmdsns = list(cmdText);
-    const statsns = list(statText);
-    const where = `${path.basename(file)} frame ${frameText}`;
-    // Several PDUs in one frame come out comma-separated, and a field a PDU does not have is
-    // simply absent; hand the CmdSN/StatSN values to the PDUs that have them, in order.
-    expect(itts.length, `${where}: ITT count`).toBe(opcodes.length);
-    expect(dsls.length, `${where}: DataSegmentLength count`).toBe(opcodes.filter((o) => !TSHARK_NO_DSL.has(o)).length);
-    expect(cmdsns.length, `${where}: CmdSN count`).toBe(opcodes.filter((o) => CMDSN_OPCODES.has(o)).length);
-    expect(statsns.length, `${where}: StatSN count`).toBe(opcodes.filter(hasStatSN).length);
-    let c = 0;
-    let s = 0;
-    let d = 0;
-    opcodes.forEach((opcode, i) => {
-      pdus.push({
-        frame: Number(frameText),
-        conn: Number(streamText),
-        opcode,
-        itt: itts[i]!,
-        cmdsn: CMDSN_OPCODES.has(opcode) ? cmdsns[c++]! : null,
-        statsn: hasStatSN(opcode) ? statsns[s++]! : null,
-        dataSegmentLength: TSHARK_NO_DSL.has(opcode) ? null : dsls[d++]!,
-      });
-    });
-  }
-  return pdus;
-}
-
-function ourPdus(lines: Line[]): Comparable[] {
-  return lines.map((l) => ({
-    frame: l.frame,
-    conn: l.conn,
-    opcode: l.opcode,
-    itt: l.itt,
-    cmdsn: l.cmdsn ?? null,
-    statsn: l.statsn ?? null,
-    dataSegmentLength: TSHARK_NO_DSL.has(l.opcode) ? null : l.dataSegmentLength,
-  }));
 }
 
 describe('pcap-dump agrees with tshark on the recorded sessions', () => {
@@ -159,7 +37,7 @@ describe('pcap-dump agrees with tshark on the recorded sessions', () => {
       expect(r.stderr).toBe('');
       expect(r.status).toBe(0);
       const ours = parseLines(r.stdout);
-      const theirs = tsharkPdus(file);
+      const theirs = tsharkPdus(file, CAPTURE_PORT);
       expect(theirs.length).toBeGreaterThan(0);
       // Whole ordered sequences, field by field: frame numbers and connection numbers too.
       expect(ourPdus(ours)).toEqual(theirs);
