@@ -114,6 +114,12 @@ export interface CommandOptions {
   timeoutMs?: number;
   /** Called synchronously with the Initiator Task Tag, e.g. to abort the task later. */
   onItt?: (itt: number) => void;
+  /**
+   * The R and W bits to send, when they must not be derived from the buffers: a proxy forwards
+   * the initiator's own bits, because a target answers R=1 with EDTL=0 (an overflow residual)
+   * differently from a command that moves no data at all.
+   */
+  direction?: { read: boolean; write: boolean };
 }
 
 export interface AsyncEventMessage {
@@ -363,6 +369,7 @@ class ScsiTask implements TaskCommon {
     readonly resolve: (r: ScsiResult) => void,
     readonly reject: (e: Error) => void,
     readonly signal: AbortSignal | undefined,
+    readonly direction: { read: boolean; write: boolean } | undefined,
   ) {}
 
   resetTransfer(): void {
@@ -559,6 +566,7 @@ export class InitiatorSession extends EventEmitter {
         resolve,
         reject,
         opts.signal,
+        opts.direction,
       );
       this.tasks.set(itt, t);
       this.scsiPending++;
@@ -994,8 +1002,8 @@ export class InitiatorSession extends EventEmitter {
       immediate: t.immediate,
       // F: no unsolicited Data-Out follows (solicited data always comes through R2Ts).
       final: !moreUnsolicited,
-      read: t.dataInLength > 0,
-      write: out !== undefined,
+      read: t.direction?.read ?? t.dataInLength > 0,
+      write: t.direction?.write ?? out !== undefined,
       attr: t.attr,
       lun: t.lun,
       itt: t.itt,

@@ -8,6 +8,10 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
     summary: 'pcap-dump FILE [--port N]   one JSON line per iSCSI PDU in a pcap/pcapng file',
     load: async () => (await import('../tools/pcap-dump.ts')).pcapDumpCommand,
   },
+  serve: {
+    summary: 'serve --config FILE        run the proxy',
+    load: async () => (await import('./serve.ts')).serveCommand,
+  },
   target: {
     summary: 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN]   a file-backed iSCSI target',
     load: async () => (await import('./target-command.ts')).targetCommand,

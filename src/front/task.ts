@@ -158,6 +158,8 @@ export class FrontTask {
       cdb: this.cdb,
       attr: this.attr,
       itt: this.itt,
+      read: this.read,
+      write: this.write,
       dataOut: this.buffer ? this.buffer.subarray(0, this.received) : Buffer.alloc(0),
       dataInLength: this.dataInLength,
       signal: this.controller.signal,

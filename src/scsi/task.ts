@@ -26,6 +26,9 @@ export interface ScsiTask {
   attr: number;
   /** Initiator task tag, for logs and task management. */
   itt: number;
+  /** The initiator's R and W bits, as sent (a proxy forwards them unchanged). */
+  read: boolean;
+  write: boolean;
   /**
    * The data the initiator sent (Data-Out), gathered completely before execution. Its length is
    * what the initiator transferred, which can differ from what the CDB asks for.

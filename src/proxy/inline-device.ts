@@ -1,0 +1,122 @@
+import type { Logger } from 'pino';
+import { buildSense, Asc, SenseKey } from 'iscsi-node-wire';
+import { InitiatorSession, LoginError, type InitiatorOptions } from '../back/index.ts';
+import { TmfResult, type ItNexus, type ScsiOutcome, type ScsiTargetDevice, type ScsiTask } from '../scsi/task.ts';
+
+const CHECK_CONDITION = 0x02;
+
+export interface InlineDeviceOptions {
+  /** Volume name, for logs and metrics. */
+  volume: string;
+  /** The main target's IQN: detour presents it unchanged. */
+  targetName: string;
+  /** Main target portal, "host:port". */
+  main: string;
+  /** Local address for backend connections: the host part of detour's portal. */
+  localAddress?: string;
+  logger: Logger;
+  /** Extra initiator options for tests (timeouts, reconnect policy). */
+  backend?: Partial<InitiatorOptions>;
+}
+
+/** A login refusal the front passes on to the initiator with the main target's own status. */
+class BackendRefused extends Error {
+  constructor(
+    readonly loginStatus: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * The inline topology: every initiator session is mirrored by a backend session to the main
+ * target under the same InitiatorName and ISID, so the main target sees the same I_T nexus (its
+ * ACLs, reservations and unit attentions stay right), and every command is forwarded on it. The
+ * device's identity is the main target's own, because INQUIRY, VPD and READ CAPACITY are
+ * answered by the main target itself.
+ */
+export class InlineDevice implements ScsiTargetDevice {
+  private readonly backends = new Map<string, InitiatorSession>();
+
+  constructor(private readonly opts: InlineDeviceOptions) {}
+
+  private key(n: ItNexus): string {
+    return `${n.initiatorPort}/${n.tsih}`;
+  }
+
+  get sessionCount(): number {
+    return this.backends.size;
+  }
+
+  async nexusOpened(nexus: ItNexus): Promise<void> {
+    const log = this.opts.logger.child({ volume: this.opts.volume, initiator: nexus.initiatorName, tsih: nexus.tsih });
+    try {
+      const s = await InitiatorSession.connect({
+        portal: this.opts.main,
+        targetName: this.opts.targetName,
+        initiatorName: nexus.initiatorName,
+        isid: Buffer.from(nexus.isid, 'hex'),
+        localAddress: this.opts.localAddress,
+        logger: log,
+        // The initiator decides about retries; a backend that cannot come back fails its commands.
+        reconnect: { initialDelayMs: 100, maxDelayMs: 2000, maxAttempts: 5 },
+        ...this.opts.backend,
+      });
+      s.on('close', () => {
+        if (this.backends.get(this.key(nexus)) === s) this.backends.delete(this.key(nexus));
+      });
+      this.backends.set(this.key(nexus), s);
+      log.info({ main: this.opts.main }, 'backend session open');
+    } catch (err) {
+      if (err instanceof LoginError) throw new BackendRefused(err.status, `main target refused the login: ${err.message}`);
+      throw err;
+    }
+  }
+
+  async nexusClosed(nexus: ItNexus): Promise<void> {
+    const s = this.backends.get(this.key(nexus));
+    if (!s) return;
+    this.backends.delete(this.key(nexus));
+    try {
+      await s.logout();
+    } catch {
+      s.close();
+    }
+  }
+
+  async execute(task: ScsiTask): Promise<ScsiOutcome> {
+    const s = this.backends.get(this.key(task.nexus));
+    if (!s) {
+      return { status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.NOT_READY, ...Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE }) };
+    }
+    const r = await s.command(task.lun, task.cdb, {
+      dataOut: task.dataOut.length > 0 ? task.dataOut : undefined,
+      dataInLength: task.dataInLength,
+      attr: task.attr,
+      signal: task.signal,
+      direction: { read: task.read, write: task.write },
+    });
+    return {
+      status: r.status,
+      sense: r.sense,
+      dataIn: r.data,
+      response: r.response,
+      // The main target's residual is the truth, including overflow beyond the initiator's buffer.
+      residual: r.residual ?? { overflow: false, underflow: false, count: 0 },
+    };
+  }
+
+  async reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {
+    const s = this.backends.get(this.key(nexus));
+    if (!s) return TmfResult.Rejected;
+    if (kind === 'lun') return s.lunReset(lun);
+    if (kind === 'target-warm' || kind === 'target-cold') return s.targetWarmReset();
+    return TmfResult.Complete;
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled([...this.backends.values()].map((s) => s.logout()));
+    this.backends.clear();
+  }
+}
