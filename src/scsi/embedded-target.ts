@@ -11,7 +11,6 @@ import {
   CheckCondition,
   LogicalUnit,
   ReservationConflict,
-  buildConditionSense,
   nexusKey,
   type LogicalUnitConfig,
 } from './logical-unit.ts';
@@ -538,22 +537,22 @@ export class EmbeddedTarget implements ScsiTargetDevice {
       return spc.checkConditionFixed(NOT_READY);
     }
 
+    const spec = lookupCommand(cdb);
+    const dataOutLength = typeof spec === 'object' && spec.dataOut ? safeDataOut(spec, cdb, lu.blockSize) : undefined;
+    const withLength = (o: ScsiOutcome): ScsiOutcome =>
+      dataOutLength !== undefined && o.dataOutLength === undefined ? { ...o, dataOutLength } : o;
+
+    // A pending unit attention is reported before anything else is looked at.
     if (!UA_EXEMPT.has(opcode)) {
       const ua = lu.takeUa(key);
-      if (ua) return this.check(lu, new CheckCondition(SenseKey.UNIT_ATTENTION, ua.asc, ua.ascq));
+      if (ua) return withLength(this.check(lu, new CheckCondition(SenseKey.UNIT_ATTENTION, ua.asc, ua.ascq)));
     }
-
-    const spec = lookupCommand(cdb);
     if (spec === 'invalid-opcode') return this.check(lu, INVALID_OPCODE);
     if (spec === 'invalid-service-action') {
       return this.check(lu, new CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB.asc, Asc.INVALID_FIELD_IN_CDB.ascq, {
         field: { inCdb: true, byte: 1, bit: 4 },
       }));
     }
-    const dataOutLength = spec.dataOut ? safeDataOut(spec, cdb, lu.blockSize) : undefined;
-    const withLength = (o: ScsiOutcome): ScsiOutcome =>
-      dataOutLength !== undefined && o.dataOutLength === undefined ? { ...o, dataOutLength } : o;
-
     if (cdb.length < spec.cdbLength) {
       return withLength(this.check(lu, new CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB.asc, Asc.INVALID_FIELD_IN_CDB.ascq)));
     }
@@ -581,7 +580,7 @@ export class EmbeddedTarget implements ScsiTargetDevice {
   }
 
   private check(lu: LogicalUnit, c: CheckCondition): ScsiOutcome {
-    return { status: ScsiStatus.CHECK_CONDITION, sense: buildConditionSense(c, lu.senseFormat) };
+    return { status: ScsiStatus.CHECK_CONDITION, sense: lu.senseFor(c) };
   }
 
   private failure(lu: LogicalUnit, cdb: Buffer, err: unknown): ScsiOutcome {

@@ -106,21 +106,26 @@ export function nexusKey(n: ItNexus): string {
  * AND VERIFY, UNMAP) are atomic against overlapping writes, while commands on disjoint ranges run
  * in parallel. Reads take no lock.
  */
-export class RangeLock {
-  private readonly entries: { start: number; end: number; granted: boolean; wake?: () => void }[] = [];
+interface LockEntry {
+  start: number;
+  end: number;
+  granted: boolean;
+  wake?: () => void;
+}
 
+export class RangeLock {
+  private readonly entries: LockEntry[] = [];
+
+  /** Ranges held or waited for. */
   get size(): number {
     return this.entries.length;
   }
 
+  /** Resolves, once the range is free, to the function that releases it. */
   async acquire(lba: number, blocks: number): Promise<() => void> {
-    const entry: { start: number; end: number; granted: boolean; wake?: () => void } = {
-      start: lba,
-      end: lba + blocks,
-      granted: false,
-    };
+    const entry: LockEntry = { start: lba, end: lba + blocks, granted: false };
     // Overlapping an earlier waiter also blocks, so that overlapping commands keep their order.
-    const blocked = this.entries.some((e) => e.start < entry.end && entry.start < e.end);
+    const blocked = this.entries.some((e) => overlaps(e, entry));
     this.entries.push(entry);
     if (blocked) await new Promise<void>((resolve) => (entry.wake = resolve));
     entry.granted = true;
@@ -132,16 +137,15 @@ export class RangeLock {
     };
   }
 
-  private release(entry: { start: number; end: number }): void {
-    const i = this.entries.indexOf(entry as (typeof this.entries)[number]);
+  private release(entry: LockEntry): void {
+    const i = this.entries.indexOf(entry);
     if (i >= 0) this.entries.splice(i, 1);
     for (let j = 0; j < this.entries.length; j++) {
       const w = this.entries[j]!;
       if (w.granted || !w.wake) continue;
       let free = true;
       for (let k = 0; k < j; k++) {
-        const e = this.entries[k]!;
-        if (e.start < w.end && w.start < e.end) {
+        if (overlaps(this.entries[k]!, w)) {
           free = false;
           break;
         }
@@ -154,6 +158,10 @@ export class RangeLock {
       }
     }
   }
+}
+
+function overlaps(a: LockEntry, b: LockEntry): boolean {
+  return a.start < b.end && b.start < a.end;
 }
 
 export interface UnitAttention {
@@ -338,10 +346,6 @@ export class LogicalUnit {
   /** Reports and clears the oldest pending unit attention of the nexus. */
   takeUa(key: string): UnitAttention | undefined {
     return this.uas.get(key)?.shift();
-  }
-
-  hasUa(key: string): boolean {
-    return (this.uas.get(key)?.length ?? 0) > 0;
   }
 
   nexusOpened(key: string): void {

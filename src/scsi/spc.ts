@@ -8,6 +8,7 @@ import type { CommandContext, CommandSpec } from './embedded-target.ts';
 import {
   CheckCondition,
   ReservationConflict,
+  buildConditionSense,
   invalidFieldInCdb,
   invalidFieldInParameterList,
   parameterListLengthError,
@@ -107,9 +108,13 @@ function scsiNameString(s: string): Buffer {
   return out;
 }
 
+/**
+ * RELATIVE TARGET PORT IDENTIFIER of the target port a nexus uses: its portal group tag. Zero is
+ * reserved for relative ports, so a portal group 0 (unusual, but legal in iSCSI) becomes FFFFh.
+ */
 export function relativeTargetPort(n: ItNexus): number {
-  // Relative port 0 is reserved; portal group tags start at 1 in practice but may be 0.
-  return Math.min(0xffff, (n.portalGroupTag & 0xffff) + 1);
+  const tpgt = n.portalGroupTag & 0xffff;
+  return tpgt === 0 ? 0xffff : tpgt;
 }
 
 function deviceIdentification(lu: LogicalUnit, targetName: string, nexus: ItNexus): Buffer {
@@ -212,24 +217,9 @@ export function inquiryNoLun(cdb: Buffer, id: InquiryIdentity): ScsiOutcome {
   return good(truncate(vpdPage(0, Buffer.from([0x00]), PERIPHERAL_NO_LUN), alloc));
 }
 
+/** A check condition outside any logical unit, hence in the default (fixed) sense format. */
 export function checkConditionFixed(c: CheckCondition): ScsiOutcome {
-  const f = c.detail.field;
-  return {
-    status: ScsiStatus.CHECK_CONDITION,
-    sense: buildSense({
-      key: c.key,
-      asc: c.asc,
-      ascq: c.ascq,
-      ...(f
-        ? {
-            senseKeySpecific:
-              f.bit === undefined
-                ? { type: 'field-pointer' as const, inCdb: f.inCdb, fieldPointer: f.byte }
-                : { type: 'field-pointer' as const, inCdb: f.inCdb, fieldPointer: f.byte, bitPointer: f.bit },
-          }
-        : {}),
-    }),
-  };
+  return { status: ScsiStatus.CHECK_CONDITION, sense: buildConditionSense(c, 'fixed') };
 }
 
 // ---------------------------------------------------------------------------------------------
