@@ -1,8 +1,10 @@
 import type { Logger } from 'pino';
 import { InitiatorSession, parseTargetAddress } from '../back/index.ts';
 import { Portal } from '../front/portal.ts';
-import type { FrontTarget } from '../front/types.ts';
-import { InlineDevice } from '../proxy/inline-device.ts';
+import type { BackupRunOptions } from '../capture/backup-run.ts';
+import { Engine, type EngineHooks } from '../capture/engine.ts';
+import { Volume } from '../capture/volume.ts';
+import { ExecControl, NoControl, TgtControl, type MainTargetControl } from '../switch/main-control.ts';
 import type { Command } from './cli.ts';
 import { UsageError } from './cli.ts';
 import { parseCommandArgs } from './args.ts';
@@ -35,33 +37,44 @@ async function mainPortalGroupTag(v: VolumeConfig, localAddress: string, log: Lo
 
 export interface RunningProxy {
   portal: Portal;
+  engine: Engine;
+  volumes: Map<string, Volume>;
   close(): Promise<void>;
 }
 
-export async function startProxy(config: DetourConfig, log: Logger): Promise<RunningProxy> {
-  const localAddress = config.portal.host;
-  const inline: InlineDevice[] = [];
-  const targets: FrontTarget[] = [];
-  for (const v of config.volumes) {
-    const tpgt = await mainPortalGroupTag(v, localAddress, log);
-    const device = new InlineDevice({ volume: v.name, targetName: v.target, main: fmt(v.main), localAddress, logger: log });
-    if (v.topology === 'inline') inline.push(device);
-    targets.push({
-      name: v.target,
-      portalGroupTag: tpgt,
-      device,
-      // Outside a backup, the two redirect topologies keep detour out of the data path: a login
-      // that reaches detour is sent on to the main target.
-      redirect: v.topology === 'inline' ? undefined : () => ({ address: `${fmt(v.main)},${tpgt}` }),
+export function makeControl(v: VolumeConfig): MainTargetControl {
+  const c = v.control;
+  if (c.type === 'tgt') return new TgtControl(c.tid, c.controlPort);
+  if (c.type === 'exec') {
+    return new ExecControl(c, {
+      DETOUR_VOLUME: v.name,
+      DETOUR_TARGET: v.target,
+      DETOUR_MAIN_HOST: v.main.host,
+      DETOUR_MAIN_PORT: String(v.main.port),
     });
   }
-  const portal = new Portal({ host: config.portal.host, port: config.portal.port, logger: log, targets });
+  return new NoControl();
+}
+
+export async function startProxy(config: DetourConfig, log: Logger, opts: { hooks?: EngineHooks; run?: Partial<BackupRunOptions> } = {}): Promise<RunningProxy> {
+  const localAddress = config.portal.host;
+  const volumes = new Map<string, Volume>();
+  for (const v of config.volumes) {
+    const tpgt = await mainPortalGroupTag(v, localAddress, log);
+    volumes.set(v.name, new Volume(v, makeControl(v), localAddress, tpgt, log));
+  }
+  const portal = new Portal({ host: config.portal.host, port: config.portal.port, logger: log, targets: [...volumes.values()].map((v) => v.target) });
   await portal.listen();
+  for (const v of volumes.values()) v.portal = portal;
+  const engine = new Engine(volumes, { dataDir: config.dataDir, storePath: config.backupStore.path, logger: log, hooks: opts.hooks, run: opts.run });
+  await engine.refreshCatalog();
   return {
     portal,
+    engine,
+    volumes,
     async close() {
       await portal.close();
-      await Promise.allSettled(inline.map((d) => d.close()));
+      await Promise.allSettled([...volumes.values()].map((v) => v.close()));
     },
   };
 }

@@ -1,0 +1,1365 @@
+// The capture-mode write journal of one volume: an append-only, crash-safe log of the writes an
+// initiator issues while the main volume is frozen for a backup.
+//
+// Data rules this module exists to keep:
+//  - an append() promise resolves only after an fdatasync that covers every byte of the record;
+//  - recovery after a crash at any point returns a gap-free prefix of the appended records that
+//    contains every acknowledged one, each verified by CRC32C; nothing half-written is returned;
+//  - space is never a reason to drop or fail a write: at the capacity limit append() waits.
+//
+// On-disk layout of a journal directory:
+//   journal-state.json            identity, block size and the drain point (rewritten atomically)
+//   segment-<16 digit id>.jnl     record files, written append-only, ids increasing
+//
+// Record format. Every record starts on a 512-byte boundary:
+//   [ header: 512 bytes ][ data: dataBytes ][ zero padding to the next 512-byte boundary ]
+// Header fields (little-endian):
+//     0 u32 magic "DJRN"          4 u16 format version       6 u8 kind       7 u8 reserved
+//     8 u64 seq                  16 u64 commit group (seq of the first record of its fdatasync)
+//    24 u64 receive time (ms)    32 u64 lba                 40 u32 blocks   44 u32 block size
+//    48 u32 dataBytes            52 u32 recordBytes         56 8 bytes journal id
+//   508 u32 CRC32C over the data followed by header bytes 0..507
+//
+// Why 512-byte alignment and not 4 KiB: 512 bytes is the smallest sector a disk writes atomically,
+// so a header never straddles a sector and a record's data starts on a sector boundary, which is all
+// positional reads need (one pread per record or part of one). 4 KiB alignment would add a whole
+// 4 KiB page to every 4 KiB write, doubling the journal for the most common write size; journal
+// capacity is what bounds how long a backup may take, so space wins over page-aligned reads (the
+// page cache copies unaligned ranges at memory speed; Node cannot do O_DIRECT anyway).
+//
+// Why the commit group is in the header: after a crash only the last commit group can be partially
+// on disk, and the kernel may have written its pages in any order. The first bad record in the
+// last segment is a torn tail if no valid record behind it belongs to a *later* commit group; if
+// one does, the bad record was in a group whose fdatasync had completed, so it is real corruption
+// of acknowledged data and recovery refuses to guess.
+
+import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { constants as fsConstants } from 'node:fs';
+import { mkdir, open, readdir, readFile, rename, unlink, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { crc32c } from 'iscsi-node-wire';
+
+// ---------------------------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * What a record stores.
+ *  - `'write'`: `blocks * blockSize` bytes of data, one block per block. The capture device also
+ *    records COMPARE AND WRITE and ORWRITE this way, with the resulting data.
+ *  - `'write-same'`: exactly one block of data (`blockSize` bytes), logically repeated over all
+ *    `blocks` blocks. Stored once, so a WRITE SAME over a large range costs one block of journal.
+ *  - `'unmap'`: no data. The blocks read back as zeros (the capture device should therefore
+ *    report LBPRZ=1, or translate). The capture device may record a WRITE SAME with the UNMAP bit
+ *    and an all-zero block as `'unmap'`; otherwise as `'write-same'`. The drainer forwards an
+ *    unmap record to the main volume as UNMAP or WRITE SAME of zeros.
+ */
+export type RecordKind = 'write' | 'write-same' | 'unmap';
+
+/** Where a durable record lives. Immutable; shared by every map extent cut from the record. */
+export interface JournalLocation {
+  /** Id of the segment file (`segment-<id>.jnl`). */
+  readonly segment: number;
+  /** File offset of the record's first data byte (for `'unmap'`, where data would start). */
+  readonly offset: number;
+  /** How the data maps to blocks; {@link Journal.readData} expands it. */
+  readonly kind: RecordKind;
+  /** Logical blocks the record covers. */
+  readonly blocks: number;
+}
+
+/** A durable record's metadata. Its data is read with {@link Journal.readData}. */
+export interface JournalRecord {
+  /** 1, 2, 3, ... in append() call order, never reused for an acknowledged record. */
+  readonly seq: number;
+  /** When the write was received, ms since the epoch. */
+  readonly receiveTime: number;
+  readonly lba: number;
+  readonly blocks: number;
+  readonly kind: RecordKind;
+  readonly location: JournalLocation;
+}
+
+export interface AppendRequest {
+  lba: number;
+  /** 1 .. 2^32-1. */
+  blocks: number;
+  /** Default `'write'`. */
+  kind?: RecordKind;
+  /** `'write'`: blocks*blockSize bytes; `'write-same'`: blockSize bytes; `'unmap'`: none. Copied. */
+  data?: Uint8Array;
+  /** Default `Date.now()`. */
+  receiveTime?: number;
+}
+
+export interface JournalUsage {
+  /** Bytes of live segment files plus bytes admitted and not yet written. */
+  readonly usedBytes: number;
+  readonly capacityBytes: number;
+  /** usedBytes / capacityBytes (0 when the capacity is unlimited). */
+  readonly ratio: number;
+  /** True while ratio >= the high-water ratio. */
+  readonly highWater: boolean;
+  /** Appends accepted but waiting for space (back-pressure). */
+  readonly waitingAppends: number;
+}
+
+/** Events of a {@link Journal}. All carry the usage at the moment of the transition. */
+export interface JournalEvents {
+  /** Usage rose to or above the high-water ratio (an alert condition). */
+  'high-water': [usage: JournalUsage];
+  /** Usage fell back below the high-water ratio. */
+  'below-high-water': [usage: JournalUsage];
+  /** An append had to wait for space: the journal is full and applies back-pressure. */
+  blocked: [usage: JournalUsage];
+  /** Every waiting append has been admitted again. */
+  unblocked: [usage: JournalUsage];
+}
+
+/** What open() found on disk. */
+export interface RecoveryReport {
+  /** The drain point read from the state file. */
+  readonly drainedSeq: number;
+  /** Records recovered (seq > drainedSeq), delivered in order. */
+  readonly records: number;
+  /** Highest recovered seq (drainedSeq when none). */
+  readonly lastSeq: number;
+  /** Live segment files after recovery. */
+  readonly segments: number;
+  /** Set when the last segment ended in an incomplete commit group, which was cut off. */
+  readonly tornTail?: {
+    readonly segment: number;
+    /** The segment was truncated to this length. */
+    readonly offset: number;
+    readonly discardedBytes: number;
+    /** Complete records of the same (never acknowledged) commit group found behind the tear. */
+    readonly discardedRecords: number;
+    readonly reason: string;
+  };
+  /** Segments removed because they were empty or fully drained. */
+  readonly removedSegments: number;
+}
+
+/** Where recovery stopped because acknowledged data is damaged or missing. */
+export interface CorruptionReport {
+  /** Segment id, or undefined for a state-file problem. */
+  readonly segment?: number;
+  readonly offset?: number;
+  readonly reason: string;
+  /** Every record up to and including this seq was intact. */
+  readonly intactThroughSeq: number;
+}
+
+/** Thrown by {@link Journal.open} when recovery cannot return every acknowledged record. */
+export class JournalCorruptError extends Error {
+  readonly code = 'ERR_JOURNAL_CORRUPT';
+  constructor(
+    readonly dir: string,
+    readonly report: CorruptionReport,
+  ) {
+    const where = report.segment === undefined ? '' : ` segment ${report.segment} offset ${report.offset}:`;
+    super(`journal ${dir}:${where} ${report.reason} (intact through seq ${report.intactThroughSeq})`);
+    this.name = 'JournalCorruptError';
+  }
+}
+
+/** Rejection of operations on a closed journal, and of appends still waiting for space at close. */
+export class JournalClosedError extends Error {
+  readonly code = 'ERR_JOURNAL_CLOSED';
+  constructor(dir: string) {
+    super(`journal ${dir} is closed`);
+    this.name = 'JournalClosedError';
+  }
+}
+
+/** After a write or fdatasync failure the journal stops: every later operation rejects with this. */
+export class JournalFailedError extends Error {
+  readonly code = 'ERR_JOURNAL_FAILED';
+  constructor(dir: string, cause: unknown) {
+    super(`journal ${dir} failed: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
+    this.name = 'JournalFailedError';
+  }
+}
+
+/** readData() of a record whose segment has been deleted after draining: look the range up again. */
+export class JournalDataDrainedError extends Error {
+  readonly code = 'ERR_JOURNAL_DRAINED';
+  constructor(segment: number) {
+    super(`journal segment ${segment} has been drained and deleted`);
+    this.name = 'JournalDataDrainedError';
+  }
+}
+
+/** One open file, as the journal uses it. All positions are absolute. */
+export interface JournalFile {
+  /** Writes every byte of `buffers` contiguously at `position`, looping over short writes. */
+  write(buffers: readonly Uint8Array[], position: number): Promise<void>;
+  /** Reads up to `buffer.length` bytes at `position`; returns how many (fewer only at end of file). */
+  read(buffer: Uint8Array, position: number): Promise<number>;
+  datasync(): Promise<void>;
+  truncate(length: number): Promise<void>;
+  size(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/**
+ * The file operations the journal performs, so tests can count fsyncs or inject disk failures.
+ * {@link nodeJournalFs} is the real one.
+ */
+export interface JournalFileSystem {
+  mkdirp(dir: string): Promise<void>;
+  list(dir: string): Promise<string[]>;
+  /** `'create'`: O_CREAT|O_EXCL, read-write. `'existing'`: read-write, must exist. */
+  openFile(file: string, mode: 'create' | 'existing'): Promise<JournalFile>;
+  /** undefined when the file does not exist. */
+  readFile(file: string): Promise<Buffer | undefined>;
+  /** Creates or replaces `file` with `data` and fsyncs it (not its directory). */
+  writeFileSynced(file: string, data: Uint8Array): Promise<void>;
+  rename(from: string, to: string): Promise<void>;
+  unlink(file: string): Promise<void>;
+  /** fsync of the directory itself, so created, renamed and removed names are durable. */
+  syncDir(dir: string): Promise<void>;
+}
+
+export interface JournalOptions {
+  /** The journal directory; created if missing. One process at a time may open it. */
+  dir: string;
+  /** Logical block size of the volume: a power of two, 512 .. 1 MiB. Fixed for the journal's life. */
+  blockSize: number;
+  /** Byte limit of the live segment files. Default unlimited. */
+  capacityBytes?: number;
+  /** Usage ratio at which 'high-water' fires. Default 0.8. */
+  highWaterRatio?: number;
+  /**
+   * Target size of a segment file. Space is freed a whole segment at a time, so keep it well below
+   * the capacity. Default capacity/64 clamped to 16 MiB .. 1 GiB (256 MiB when unlimited).
+   */
+  segmentBytes?: number;
+  /** Largest commit group (one write + one fdatasync). Default 8 MiB; a bigger record goes alone. */
+  maxBatchBytes?: number;
+  /**
+   * The snapshot-map hook. Called synchronously, in strict seq order, for every durable record:
+   * for recovered records during open(), for new ones right after the fdatasync that covers them
+   * and before their append() promise resolves. When it returns, the record is marked reflected.
+   * This is the way to keep map insertion in seq order whatever the callers' await chains look
+   * like. If it throws, the journal fails (the record is durable but unacknowledged).
+   * Without it, the owner calls {@link Journal.markReflected} itself and finds recovered records
+   * with {@link Journal.unreflectedRecords}.
+   */
+  reflect?: (record: JournalRecord) => void;
+  /** File operations; default {@link nodeJournalFs}. */
+  fs?: JournalFileSystem;
+}
+
+/** Counters for metrics and tests. */
+export interface JournalStats {
+  appends: number;
+  /** Commit groups written. */
+  batches: number;
+  /** Every fdatasync/fsync the journal issued: commit groups, new segments, the state file. */
+  fsyncs: number;
+  bytesWritten: number;
+  /** Most records one commit group carried. */
+  largestBatch: number;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Format constants and helpers
+// ---------------------------------------------------------------------------------------------
+
+const HEADER_BYTES = 512;
+const ALIGN = 512;
+const MAGIC = 0x4e524a44; // "DJRN"
+const FORMAT_VERSION = 1;
+const CRC_OFFSET = HEADER_BYTES - 4;
+const ID_BYTES = 8;
+const MAX_U32 = 0xffff_ffff;
+const SCAN_CHUNK = 4 << 20;
+const STATE_FILE = 'journal-state.json';
+const STATE_TMP = 'journal-state.json.tmp';
+const SEGMENT_RE = /^segment-(\d{16})\.jnl$/;
+
+const KIND_CODE: Record<RecordKind, number> = { write: 1, 'write-same': 2, unmap: 3 };
+const CODE_KIND: readonly (RecordKind | undefined)[] = [undefined, 'write', 'write-same', 'unmap'];
+
+function segmentName(id: number): string {
+  return `segment-${String(id).padStart(16, '0')}.jnl`;
+}
+
+function alignUp(n: number): number {
+  return Math.ceil(n / ALIGN) * ALIGN;
+}
+
+function putU64(b: Buffer, off: number, v: number): void {
+  b.writeUInt32LE(v % 0x1_0000_0000, off);
+  b.writeUInt32LE(Math.floor(v / 0x1_0000_0000), off + 4);
+}
+
+/** NaN when the value does not fit a safe integer, which no valid header contains. */
+function getU64(b: Buffer, off: number): number {
+  const hi = b.readUInt32LE(off + 4);
+  if (hi > 0x1f_ffff) return Number.NaN;
+  return hi * 0x1_0000_0000 + b.readUInt32LE(off);
+}
+
+function dataBytesFor(kind: RecordKind, blocks: number, blockSize: number): number {
+  if (kind === 'write') return blocks * blockSize;
+  if (kind === 'write-same') return blockSize;
+  return 0;
+}
+
+function isErrno(err: unknown, code: string): boolean {
+  return (err as NodeJS.ErrnoException | undefined)?.code === code;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real file system
+// ---------------------------------------------------------------------------------------------
+
+class NodeJournalFile implements JournalFile {
+  constructor(private readonly fh: FileHandle) {}
+
+  async write(buffers: readonly Uint8Array[], position: number): Promise<void> {
+    let bufs = buffers.filter((b) => b.length > 0);
+    let pos = position;
+    while (bufs.length > 0) {
+      // IOV_MAX is 1024 on Linux; keep each writev within it.
+      const chunk = bufs.length > 1024 ? bufs.slice(0, 1024) : bufs;
+      const { bytesWritten } = await this.fh.writev(chunk as Uint8Array[], pos);
+      if (bytesWritten <= 0) throw new Error('write returned no progress');
+      pos += bytesWritten;
+      let n = bytesWritten;
+      let i = 0;
+      while (i < bufs.length && n >= bufs[i]!.length) n -= bufs[i++]!.length;
+      bufs = bufs.slice(i);
+      if (n > 0) bufs[0] = bufs[0]!.subarray(n);
+    }
+  }
+
+  async read(buffer: Uint8Array, position: number): Promise<number> {
+    let done = 0;
+    while (done < buffer.length) {
+      const { bytesRead } = await this.fh.read(buffer, done, buffer.length - done, position + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  datasync(): Promise<void> {
+    return this.fh.datasync();
+  }
+
+  truncate(length: number): Promise<void> {
+    return this.fh.truncate(length);
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
+}
+
+/** The journal's file operations on the real file system. */
+export const nodeJournalFs: JournalFileSystem = {
+  async mkdirp(dir) {
+    await mkdir(dir, { recursive: true });
+  },
+  list(dir) {
+    return readdir(dir);
+  },
+  async openFile(file, mode) {
+    const flags =
+      mode === 'create' ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL : fsConstants.O_RDWR;
+    return new NodeJournalFile(await open(file, flags, 0o644));
+  },
+  async readFile(file) {
+    try {
+      return await readFile(file);
+    } catch (err) {
+      if (isErrno(err, 'ENOENT')) return undefined;
+      throw err;
+    }
+  },
+  async writeFileSynced(file, data) {
+    const fh = await open(file, 'w', 0o644);
+    try {
+      await fh.writeFile(data);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  },
+  rename(from, to) {
+    return rename(from, to);
+  },
+  unlink(file) {
+    return unlink(file);
+  },
+  async syncDir(dir) {
+    const fh = await open(dir, fsConstants.O_RDONLY);
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
+// Internal state
+// ---------------------------------------------------------------------------------------------
+
+interface Segment {
+  readonly id: number;
+  readonly file: JournalFile;
+  /** Bytes of complete, durable records (the append position). */
+  size: number;
+  /** Highest seq in the segment; 0 while it holds none. */
+  lastSeq: number;
+  /** readData() calls in flight; a deleted segment is closed when this drops to 0. */
+  readers: number;
+  deleted: boolean;
+}
+
+/** An accepted append on its way to disk. */
+interface Pending {
+  readonly seq: number;
+  readonly lba: number;
+  readonly blocks: number;
+  readonly kind: RecordKind;
+  readonly receiveTime: number;
+  /** Header + private copy of the data + padding; header CRC is filled in at write time. */
+  readonly image: Buffer;
+  readonly dataBytes: number;
+  /** CRC32C of the data alone, computed when it was copied so later caller changes cannot matter. */
+  readonly dataCrc: number;
+  readonly resolve: (rec: JournalRecord) => void;
+  readonly reject: (err: Error) => void;
+}
+
+interface Unreflected {
+  readonly seq: number;
+  readonly lba: number;
+  readonly blocks: number;
+  /** Set once durable. */
+  record?: JournalRecord;
+}
+
+interface Waiter {
+  readonly seq: number;
+  readonly resolve: () => void;
+  readonly reject: (err: Error) => void;
+}
+
+interface StateFile {
+  version: number;
+  journalId: string;
+  blockSize: number;
+  drainedSeq: number;
+}
+
+interface ParsedRecord {
+  readonly seq: number;
+  readonly batchFirstSeq: number;
+  readonly receiveTime: number;
+  readonly lba: number;
+  readonly blocks: number;
+  readonly kind: RecordKind;
+  readonly recordBytes: number;
+}
+
+type ParseResult = { ok: true; rec: ParsedRecord } | { ok: false; reason: string };
+
+/** Sequential reads of one segment through a large window, for recovery. */
+class SegmentScanner {
+  private window = Buffer.alloc(0);
+  private windowPos = 0;
+
+  constructor(
+    private readonly file: JournalFile,
+    readonly size: number,
+  ) {}
+
+  /** `len` bytes at `pos`; the caller guarantees pos + len <= size. */
+  async bytes(pos: number, len: number): Promise<Buffer> {
+    if (pos >= this.windowPos && pos + len <= this.windowPos + this.window.length) {
+      return this.window.subarray(pos - this.windowPos, pos - this.windowPos + len);
+    }
+    const want = Math.min(Math.max(len, SCAN_CHUNK), this.size - pos);
+    const buf = Buffer.allocUnsafe(want);
+    const got = await this.file.read(buf, pos);
+    if (got < len) throw new Error(`segment shrank while scanning (read ${got} of ${len} bytes at ${pos})`);
+    this.window = buf.subarray(0, got);
+    this.windowPos = pos;
+    return this.window.subarray(0, len);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The journal
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * The durable write journal of one volume in capture mode.
+ *
+ * Life cycle: `await Journal.open(opts)` (creates or recovers), then `append()`/`readData()`/
+ * `markReflected()`/`markDrained()` concurrently, then `close()`.
+ *
+ * Sequence numbers: every append() call gets the next seq synchronously, so seq order is call
+ * order; records are written, made durable and acknowledged strictly in seq order. `lastSeq` is the
+ * freeze point of a backup when read at freeze time.
+ *
+ * Reflection: a record is "unreflected" from append() until it has been inserted into the snapshot
+ * map and marked. Reflected state is deliberately not persisted: recovery hands every durable
+ * record above the drain point back as unreflected, and the owner rebuilds the map from them in
+ * order (through the `reflect` hook, or with `unreflectedRecords()` + `markReflected()`).
+ *
+ * Draining: once every record <= T has been written to the main volume and made durable there, the
+ * drainer calls `markDrained(T)`. That point is persisted, and segment files holding only records
+ * <= T are deleted, which is the only way space is freed.
+ *
+ * Failure: a failed write or fdatasync rejects the records it carried and stops the journal
+ * (`JournalFailedError` from then on), because after a failed fdatasync the kernel's page state is
+ * unknown and a later acknowledged record could sit behind garbage. Reopening recovers.
+ */
+export class Journal extends EventEmitter<JournalEvents> {
+  readonly dir: string;
+  readonly blockSize: number;
+  readonly capacityBytes: number;
+  readonly highWaterRatio: number;
+  readonly segmentBytes: number;
+  readonly maxBatchBytes: number;
+  readonly stats: JournalStats = { appends: 0, batches: 0, fsyncs: 0, bytesWritten: 0, largestBatch: 0 };
+
+  private readonly fs: JournalFileSystem;
+  private readonly reflectHook: ((record: JournalRecord) => void) | undefined;
+  private journalId = Buffer.alloc(ID_BYTES);
+  private report: RecoveryReport | undefined;
+
+  /** Live segments in id order (Map keeps insertion order, and ids only grow). */
+  private readonly segments = new Map<number, Segment>();
+  private active: Segment | undefined;
+  private nextSegmentId = 1;
+
+  private assignedSeq = 0;
+  private durable = 0;
+  private drained = 0;
+
+  /** Accepted and not yet reflected, in seq order (insertion order). */
+  private readonly unreflectedMap = new Map<number, Unreflected>();
+  private unreflectedBlockCount = 0;
+
+  /** Admitted (space reserved), waiting for the flusher. */
+  private readonly queue: Pending[] = [];
+  /** Accepted, waiting for space. Always behind everything in `queue`. */
+  private readonly spaceWaiters: Pending[] = [];
+  private diskBytes = 0;
+  private reservedBytes = 0;
+
+  private flushing = false;
+  private flushIdle: (() => void)[] = [];
+  /** Serialises commit groups, drain-state updates and segment deletion. */
+  private ioChain: Promise<void> = Promise.resolve();
+
+  private reflectWaiters: Waiter[] = [];
+  private drainWaiters: Waiter[] = [];
+  private failure: JournalFailedError | undefined;
+  private closing = false;
+  private closed = false;
+  private aboveHighWater = false;
+
+  private constructor(opts: JournalOptions) {
+    super();
+    const { blockSize } = opts;
+    if (!Number.isInteger(blockSize) || blockSize < 512 || blockSize > 1 << 20 || (blockSize & (blockSize - 1)) !== 0) {
+      throw new RangeError(`blockSize must be a power of two from 512 to 1 MiB, got ${blockSize}`);
+    }
+    const capacity = opts.capacityBytes ?? Number.POSITIVE_INFINITY;
+    if (!(capacity > 0)) throw new RangeError(`capacityBytes must be positive, got ${capacity}`);
+    const ratio = opts.highWaterRatio ?? 0.8;
+    if (!(ratio > 0 && ratio <= 1)) throw new RangeError(`highWaterRatio must be in (0, 1], got ${ratio}`);
+    const segmentBytes =
+      opts.segmentBytes ??
+      (Number.isFinite(capacity) ? Math.min(1 << 30, Math.max(16 << 20, alignUp(capacity / 64))) : 256 << 20);
+    if (!Number.isSafeInteger(segmentBytes) || segmentBytes < ALIGN) {
+      throw new RangeError(`segmentBytes must be an integer >= ${ALIGN}, got ${segmentBytes}`);
+    }
+    const maxBatchBytes = opts.maxBatchBytes ?? 8 << 20;
+    if (!Number.isSafeInteger(maxBatchBytes) || maxBatchBytes < ALIGN) {
+      throw new RangeError(`maxBatchBytes must be an integer >= ${ALIGN}, got ${maxBatchBytes}`);
+    }
+    this.dir = opts.dir;
+    this.blockSize = blockSize;
+    this.capacityBytes = capacity;
+    this.highWaterRatio = ratio;
+    this.segmentBytes = segmentBytes;
+    this.maxBatchBytes = maxBatchBytes;
+    this.fs = opts.fs ?? nodeJournalFs;
+    this.reflectHook = opts.reflect;
+  }
+
+  /**
+   * Opens the journal in `opts.dir`, creating it when empty, otherwise recovering: reads the drain
+   * point, verifies every record's CRC in seq order, cuts off a torn last commit group (truncating
+   * the file durably), deletes fully drained segments, and delivers records above the drain point
+   * in order (to `opts.reflect`, or kept as unreflected). New appends go to a new segment.
+   *
+   * @throws JournalCorruptError when an acknowledged record is damaged or missing (a bad record
+   *   followed by a later commit group, a seq gap, a missing state file next to segments); nothing
+   *   is modified in that case.
+   */
+  static async open(opts: JournalOptions): Promise<Journal> {
+    const j = new Journal(opts);
+    await j.recover();
+    return j;
+  }
+
+  // ---- counters ------------------------------------------------------------------------------
+
+  /** Highest seq handed out by append() (accepted; maybe not durable yet). The freeze point. */
+  get lastSeq(): number {
+    return this.assignedSeq;
+  }
+
+  /** Every record <= durableSeq is on stable storage. */
+  get durableSeq(): number {
+    return this.durable;
+  }
+
+  /** Highest seq such that every record <= it has been reflected (or drained). */
+  get reflectedSeq(): number {
+    for (const seq of this.unreflectedMap.keys()) return seq - 1;
+    return this.assignedSeq;
+  }
+
+  /** Every record <= drainedSeq is durable on the main volume. Survives restarts. */
+  get drainedSeq(): number {
+    return this.drained;
+  }
+
+  /** Records accepted and not yet drained. */
+  get records(): number {
+    return this.assignedSeq - this.drained;
+  }
+
+  /** Bytes of the live segment files (drained records stay counted until their segment goes). */
+  get bytes(): number {
+    return this.diskBytes;
+  }
+
+  /** Records accepted and not yet reflected (including those not yet durable). */
+  get unreflected(): number {
+    return this.unreflectedMap.size;
+  }
+
+  /**
+   * Logical bytes (blocks x blockSize) of the unreflected records. Write-same and unmap records
+   * count at their logical size, which overestimates the drain work: the safe side for cutover.
+   */
+  get unreflectedBytes(): number {
+    return this.unreflectedBlockCount * this.blockSize;
+  }
+
+  get usage(): JournalUsage {
+    const usedBytes = this.diskBytes + this.reservedBytes;
+    const ratio = Number.isFinite(this.capacityBytes) ? usedBytes / this.capacityBytes : 0;
+    return {
+      usedBytes,
+      capacityBytes: this.capacityBytes,
+      ratio,
+      highWater: ratio >= this.highWaterRatio,
+      waitingAppends: this.spaceWaiters.length,
+    };
+  }
+
+  /** What open() found. */
+  get recovery(): RecoveryReport {
+    return this.report!;
+  }
+
+  // ---- append --------------------------------------------------------------------------------
+
+  /**
+   * Appends a record. The seq is assigned now (call order); the promise resolves with the durable
+   * record only after an fdatasync covering all its bytes, and after the `reflect` hook (if any)
+   * has run for it. Promises resolve in seq order. Concurrent calls share one write + fdatasync
+   * (group commit).
+   *
+   * When the journal is at its capacity the record waits, in order, until markDrained() frees
+   * space. It is never dropped. Rejects (and nothing is acknowledged) on invalid input, a record
+   * larger than the whole capacity, a disk failure, or close() while it waits for space.
+   */
+  append(req: AppendRequest): Promise<JournalRecord> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.closing) return Promise.reject(new JournalClosedError(this.dir));
+    const kind = req.kind ?? 'write';
+    const { lba, blocks } = req;
+    if (KIND_CODE[kind] === undefined) return Promise.reject(new TypeError(`unknown record kind ${String(kind)}`));
+    if (!Number.isSafeInteger(lba) || lba < 0) return Promise.reject(new RangeError(`bad lba ${lba}`));
+    if (!Number.isInteger(blocks) || blocks < 1 || blocks > MAX_U32 || !Number.isSafeInteger(lba + blocks)) {
+      return Promise.reject(new RangeError(`bad block count ${blocks} at lba ${lba}`));
+    }
+    const receiveTime = req.receiveTime ?? Date.now();
+    if (!Number.isSafeInteger(receiveTime) || receiveTime < 0) {
+      return Promise.reject(new RangeError(`bad receiveTime ${receiveTime}`));
+    }
+    const dataBytes = dataBytesFor(kind, blocks, this.blockSize);
+    const given = req.data?.length ?? 0;
+    if (given !== dataBytes) {
+      return Promise.reject(new RangeError(`${kind} of ${blocks} blocks needs ${dataBytes} data bytes, got ${given}`));
+    }
+    const recordBytes = HEADER_BYTES + alignUp(dataBytes);
+    if (recordBytes > MAX_U32) return Promise.reject(new RangeError(`record of ${dataBytes} bytes is too large`));
+    if (recordBytes > this.capacityBytes) {
+      return Promise.reject(
+        new RangeError(`record of ${recordBytes} bytes can never fit the journal capacity ${this.capacityBytes}`),
+      );
+    }
+
+    // Copy and checksum the data now: the caller may reuse its buffer as soon as we return, and
+    // a CRC computed over bytes that then change would turn an acknowledged write into "torn".
+    const image = Buffer.allocUnsafe(recordBytes);
+    image.fill(0, 0, HEADER_BYTES);
+    if (dataBytes > 0) image.set(req.data!, HEADER_BYTES);
+    image.fill(0, HEADER_BYTES + dataBytes);
+    const dataCrc = dataBytes > 0 ? crc32c(image.subarray(HEADER_BYTES, HEADER_BYTES + dataBytes)) : 0;
+
+    const seq = ++this.assignedSeq;
+    this.stats.appends++;
+    this.unreflectedMap.set(seq, { seq, lba, blocks });
+    this.unreflectedBlockCount += blocks;
+
+    return new Promise<JournalRecord>((resolve, reject) => {
+      const p: Pending = { seq, lba, blocks, kind, receiveTime, image, dataBytes, dataCrc, resolve, reject };
+      if (this.spaceWaiters.length > 0 || !this.fits(recordBytes)) {
+        this.spaceWaiters.push(p);
+        if (this.spaceWaiters.length === 1) this.emit('blocked', this.usage);
+      } else {
+        this.admit(p);
+      }
+    });
+  }
+
+  private fits(recordBytes: number): boolean {
+    return this.diskBytes + this.reservedBytes + recordBytes <= this.capacityBytes;
+  }
+
+  private admit(p: Pending): void {
+    this.reservedBytes += p.image.length;
+    this.queue.push(p);
+    this.checkHighWater();
+    if (!this.flushing) {
+      this.flushing = true;
+      // Start on a microtask so that appends issued in the same tick join the first group.
+      queueMicrotask(() => void this.flushLoop());
+    }
+  }
+
+  private admitWaiters(): void {
+    let admitted = false;
+    while (this.spaceWaiters.length > 0 && this.fits(this.spaceWaiters[0]!.image.length)) {
+      this.admit(this.spaceWaiters.shift()!);
+      admitted = true;
+    }
+    if (admitted && this.spaceWaiters.length === 0) this.emit('unblocked', this.usage);
+  }
+
+  private checkHighWater(): void {
+    const u = this.usage;
+    if (u.highWater && !this.aboveHighWater) {
+      this.aboveHighWater = true;
+      this.emit('high-water', u);
+    } else if (!u.highWater && this.aboveHighWater) {
+      this.aboveHighWater = false;
+      this.emit('below-high-water', u);
+    }
+  }
+
+  private async flushLoop(): Promise<void> {
+    try {
+      while (this.queue.length > 0 && !this.failure) {
+        const batch: Pending[] = [];
+        let bytes = 0;
+        while (this.queue.length > 0) {
+          const next = this.queue[0]!;
+          if (batch.length > 0 && bytes + next.image.length > this.maxBatchBytes) break;
+          batch.push(this.queue.shift()!);
+          bytes += next.image.length;
+        }
+        await this.withIo(() => this.writeBatch(batch, bytes));
+      }
+    } finally {
+      this.flushing = false;
+      const idle = this.flushIdle;
+      this.flushIdle = [];
+      for (const f of idle) f();
+    }
+  }
+
+  private withIo<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.ioChain.then(fn);
+    this.ioChain = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
+  }
+
+  /** One commit group: one positional write and one fdatasync, then acknowledgement in order. */
+  private async writeBatch(batch: Pending[], bytes: number): Promise<void> {
+    if (this.failure) {
+      for (const p of batch) p.reject(this.failure);
+      return;
+    }
+    let seg: Segment | undefined;
+    let position = 0;
+    try {
+      seg = await this.segmentFor(bytes);
+      position = seg.size;
+      const groupFirst = batch[0]!.seq;
+      for (const p of batch) this.fillHeader(p, groupFirst);
+      await seg.file.write(
+        batch.map((p) => p.image),
+        position,
+      );
+      this.stats.bytesWritten += bytes;
+      await seg.file.datasync();
+      this.stats.fsyncs++;
+    } catch (err) {
+      const failure = new JournalFailedError(this.dir, err);
+      // Best effort: do not leave unacknowledged records for recovery to find. Correctness does
+      // not depend on it (recovery may legitimately return records that were never acknowledged).
+      if (seg) await seg.file.truncate(position).catch(() => undefined);
+      this.fail(failure, batch);
+      return;
+    }
+    this.stats.batches++;
+    this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
+    this.reservedBytes -= bytes;
+    this.diskBytes += bytes;
+    let offset = position;
+    for (let i = 0; i < batch.length; i++) {
+      const p = batch[i]!;
+      const record: JournalRecord = {
+        seq: p.seq,
+        receiveTime: p.receiveTime,
+        lba: p.lba,
+        blocks: p.blocks,
+        kind: p.kind,
+        location: { segment: seg.id, offset: offset + HEADER_BYTES, kind: p.kind, blocks: p.blocks },
+      };
+      offset += p.image.length;
+      seg.size = offset;
+      seg.lastSeq = p.seq;
+      this.durable = p.seq;
+      try {
+        this.deliver(record);
+      } catch (err) {
+        this.fail(new JournalFailedError(this.dir, err), batch.slice(i));
+        return;
+      }
+      p.resolve(record);
+    }
+  }
+
+  private fillHeader(p: Pending, groupFirst: number): void {
+    const h = p.image;
+    h.writeUInt32LE(MAGIC, 0);
+    h.writeUInt16LE(FORMAT_VERSION, 4);
+    h.writeUInt8(KIND_CODE[p.kind], 6);
+    putU64(h, 8, p.seq);
+    putU64(h, 16, groupFirst);
+    putU64(h, 24, p.receiveTime);
+    putU64(h, 32, p.lba);
+    h.writeUInt32LE(p.blocks, 40);
+    h.writeUInt32LE(this.blockSize, 44);
+    h.writeUInt32LE(p.dataBytes, 48);
+    h.writeUInt32LE(p.image.length, 52);
+    this.journalId.copy(h, 56);
+    h.writeUInt32LE(crc32c(h.subarray(0, CRC_OFFSET), p.dataCrc), CRC_OFFSET);
+  }
+
+  /** The segment the next commit group goes to, rolling over to a new file when full. */
+  private async segmentFor(bytes: number): Promise<Segment> {
+    const cur = this.active;
+    if (cur && (cur.size === 0 || cur.size + bytes <= this.segmentBytes)) return cur;
+    const id = this.nextSegmentId++;
+    const file = await this.fs.openFile(path.join(this.dir, segmentName(id)), 'create');
+    const seg: Segment = { id, file, size: 0, lastSeq: 0, readers: 0, deleted: false };
+    this.segments.set(id, seg);
+    this.active = seg;
+    // The file's name must be durable before any record in it is acknowledged.
+    await this.fs.syncDir(this.dir);
+    this.stats.fsyncs++;
+    return seg;
+  }
+
+  /** A durable record reaches the owner: through the hook, or kept as unreflected. */
+  private deliver(record: JournalRecord): void {
+    const u = this.unreflectedMap.get(record.seq);
+    if (u) u.record = record;
+    else {
+      this.unreflectedMap.set(record.seq, { seq: record.seq, lba: record.lba, blocks: record.blocks, record });
+      this.unreflectedBlockCount += record.blocks;
+    }
+    if (this.reflectHook) {
+      this.reflectHook(record);
+      this.markReflected(record.seq);
+    }
+  }
+
+  private fail(failure: JournalFailedError, inFlight: Pending[]): void {
+    if (!this.failure) this.failure = failure;
+    const victims = [...inFlight, ...this.queue.splice(0), ...this.spaceWaiters.splice(0)];
+    for (const p of victims) p.reject(this.failure);
+    this.reservedBytes = 0;
+    for (const w of this.reflectWaiters.splice(0)) w.reject(this.failure);
+    for (const w of this.drainWaiters.splice(0)) w.reject(this.failure);
+  }
+
+  // ---- reflection ----------------------------------------------------------------------------
+
+  /**
+   * Marks a durable record reflected (inserted into the snapshot map). Idempotent. Records may be
+   * marked in any order, but the snapshot map requires insertion in seq order, so the natural use
+   * is in order; `reflectedSeq` only advances over a gap-free prefix.
+   * @throws RangeError if the record is not durable yet.
+   */
+  markReflected(seq: number): void {
+    if (!Number.isSafeInteger(seq) || seq < 1) throw new RangeError(`bad seq ${seq}`);
+    if (seq > this.durable) throw new RangeError(`record ${seq} is not durable yet (durable through ${this.durable})`);
+    const u = this.unreflectedMap.get(seq);
+    if (!u) return;
+    this.unreflectedMap.delete(seq);
+    this.unreflectedBlockCount -= u.blocks;
+    this.wake(this.reflectWaiters, this.reflectedSeq);
+  }
+
+  /**
+   * Resolves once every record <= seq is reflected. Rejects if the journal fails or closes first.
+   * A seq not yet appended is waited for too.
+   */
+  waitReflected(seq: number): Promise<void> {
+    return this.waitFor(this.reflectWaiters, seq, () => this.reflectedSeq);
+  }
+
+  /** Durable, unreflected records in seq order (after open() without a `reflect` hook). */
+  *unreflectedRecords(): IterableIterator<JournalRecord> {
+    for (const u of this.unreflectedMap.values()) {
+      if (!u.record) return;
+      yield u.record;
+    }
+  }
+
+  /**
+   * The highest seq of an unreflected record (durable or not) that overlaps [lba, lba+blocks), or
+   * undefined. A reader that must not overtake an earlier write does `waitReflected()` on it and
+   * then consults the map. Linear in the number of unreflected records, which is the number of
+   * writes in flight.
+   */
+  unreflectedOverlapping(lba: number, blocks: number): number | undefined {
+    const end = lba + blocks;
+    let found: number | undefined;
+    for (const u of this.unreflectedMap.values()) {
+      if (u.lba < end && lba < u.lba + u.blocks) found = u.seq;
+    }
+    return found;
+  }
+
+  // ---- draining ------------------------------------------------------------------------------
+
+  /**
+   * Records that every record <= seq has been written to the main volume and made durable there.
+   * Persists the point (temp file, fsync, rename, directory fsync) before deleting the segment
+   * files that hold only records <= seq; resolves when both are done. A seq <= drainedSeq is a
+   * no-op. Waiting appends are admitted as space comes free.
+   * @throws RangeError if seq is above reflectedSeq: only reflected records can have been drained.
+   */
+  async markDrained(seq: number): Promise<void> {
+    if (!Number.isSafeInteger(seq) || seq < 0) throw new RangeError(`bad seq ${seq}`);
+    if (this.failure) throw this.failure;
+    if (this.closing) throw new JournalClosedError(this.dir);
+    if (seq > this.reflectedSeq) {
+      throw new RangeError(`cannot mark ${seq} drained: only records through ${this.reflectedSeq} are reflected`);
+    }
+    await this.withIo(async () => {
+      if (seq > this.drained) {
+        await this.writeState(seq);
+        this.drained = seq;
+        this.wake(this.drainWaiters, seq);
+      }
+      await this.deleteDrainedSegments();
+    });
+  }
+
+  /** Resolves once drainedSeq >= seq (the basis of a `sync` command). */
+  waitDrained(seq: number): Promise<void> {
+    return this.waitFor(this.drainWaiters, seq, () => this.drained);
+  }
+
+  private async deleteDrainedSegments(): Promise<void> {
+    const doomed = [...this.segments.values()].filter((s) => s.lastSeq > 0 && s.lastSeq <= this.drained);
+    if (doomed.length === 0) return;
+    for (const seg of doomed) {
+      // Forget it first: no new reader may pin it once its unlink is under way.
+      this.segments.delete(seg.id);
+      if (this.active === seg) this.active = undefined;
+      seg.deleted = true;
+      this.diskBytes -= seg.size;
+      if (seg.readers === 0) await seg.file.close();
+      // No directory fsync needed: a segment that reappears after a crash holds only drained
+      // records, and open() deletes it again.
+      await this.fs.unlink(path.join(this.dir, segmentName(seg.id)));
+    }
+    this.checkHighWater();
+    this.admitWaiters();
+  }
+
+  private async writeState(drainedSeq: number): Promise<void> {
+    const state: StateFile = {
+      version: FORMAT_VERSION,
+      journalId: this.journalId.toString('hex'),
+      blockSize: this.blockSize,
+      drainedSeq,
+    };
+    const tmp = path.join(this.dir, STATE_TMP);
+    await this.fs.writeFileSynced(tmp, Buffer.from(`${JSON.stringify(state)}\n`));
+    this.stats.fsyncs++;
+    await this.fs.rename(tmp, path.join(this.dir, STATE_FILE));
+    await this.fs.syncDir(this.dir);
+    this.stats.fsyncs++;
+  }
+
+  // ---- reading -------------------------------------------------------------------------------
+
+  /**
+   * Reads blocks [offsetBlocks, offsetBlocks+blocks) of a durable record: one positional read for
+   * a 'write' record; a 'write-same' block repeated; zeros for 'unmap'.
+   *
+   * The segment is pinned synchronously when this is called, so a caller that looks a range up in
+   * the snapshot map and calls readData() in the same synchronous step cannot lose the segment to
+   * a concurrent drain. Rejects with JournalDataDrainedError if the segment was already deleted.
+   */
+  async readData(location: JournalLocation, offsetBlocks = 0, blocks = location.blocks - offsetBlocks): Promise<Buffer> {
+    if (this.closed) throw new JournalClosedError(this.dir);
+    if (
+      !Number.isInteger(offsetBlocks) ||
+      !Number.isInteger(blocks) ||
+      offsetBlocks < 0 ||
+      blocks < 0 ||
+      offsetBlocks + blocks > location.blocks
+    ) {
+      throw new RangeError(`blocks [${offsetBlocks}, +${blocks}) outside a record of ${location.blocks} blocks`);
+    }
+    const bs = this.blockSize;
+    if (location.kind === 'unmap' || blocks === 0) return Buffer.alloc(blocks * bs);
+    const seg = this.segments.get(location.segment);
+    if (!seg) throw new JournalDataDrainedError(location.segment);
+    seg.readers++;
+    try {
+      if (location.kind === 'write') {
+        const out = Buffer.allocUnsafe(blocks * bs);
+        await this.readExactly(seg, out, location.offset + offsetBlocks * bs);
+        return out;
+      }
+      const one = Buffer.allocUnsafe(bs);
+      await this.readExactly(seg, one, location.offset);
+      const out = Buffer.allocUnsafe(blocks * bs);
+      for (let i = 0; i < blocks; i++) one.copy(out, i * bs);
+      return out;
+    } finally {
+      seg.readers--;
+      if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);
+    }
+  }
+
+  private async readExactly(seg: Segment, buf: Buffer, position: number): Promise<void> {
+    if (position + buf.length > seg.size) {
+      throw new RangeError(`read past the durable end of segment ${seg.id}`);
+    }
+    const got = await seg.file.read(buf, position);
+    if (got !== buf.length) throw new Error(`short read in segment ${seg.id}: ${got} of ${buf.length} bytes`);
+  }
+
+  // ---- closing -------------------------------------------------------------------------------
+
+  /**
+   * Writes and fdatasyncs everything already admitted, rejects appends still waiting for space
+   * (JournalClosedError: they were never acknowledged), waits for a running markDrained(), then
+   * closes the files. Reflection and drain waiters still pending are rejected.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closing = true;
+    const waiting = this.spaceWaiters.splice(0);
+    for (const p of waiting) {
+      this.unreflectedMap.delete(p.seq);
+      this.unreflectedBlockCount -= p.blocks;
+    }
+    // Their seqs were the highest handed out; nothing after them was accepted.
+    if (waiting.length > 0) this.assignedSeq = waiting[0]!.seq - 1;
+    for (const p of waiting) p.reject(new JournalClosedError(this.dir));
+    if (this.flushing) await new Promise<void>((resolve) => this.flushIdle.push(resolve));
+    await this.ioChain;
+    this.closed = true;
+    for (const seg of this.segments.values()) {
+      seg.deleted = true;
+      if (seg.readers === 0) await seg.file.close().catch(() => undefined);
+    }
+    this.segments.clear();
+    this.active = undefined;
+    const err = new JournalClosedError(this.dir);
+    for (const w of this.reflectWaiters.splice(0)) w.reject(err);
+    for (const w of this.drainWaiters.splice(0)) w.reject(err);
+  }
+
+  // ---- waiting helpers -----------------------------------------------------------------------
+
+  private waitFor(list: Waiter[], seq: number, current: () => number): Promise<void> {
+    if (seq <= current()) return Promise.resolve();
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.closing) return Promise.reject(new JournalClosedError(this.dir));
+    return new Promise<void>((resolve, reject) => list.push({ seq, resolve, reject }));
+  }
+
+  private wake(list: Waiter[], reached: number): void {
+    if (list.length === 0) return;
+    const keep: Waiter[] = [];
+    for (const w of list) {
+      if (w.seq <= reached) w.resolve();
+      else keep.push(w);
+    }
+    list.length = 0;
+    list.push(...keep);
+  }
+
+  // ---- recovery ------------------------------------------------------------------------------
+
+  private corrupt(report: CorruptionReport): never {
+    throw new JournalCorruptError(this.dir, report);
+  }
+
+  private async recover(): Promise<void> {
+    const fs = this.fs;
+    await fs.mkdirp(this.dir);
+    const names = await fs.list(this.dir);
+    const ids = names
+      .map((n) => SEGMENT_RE.exec(n))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => Number(m[1]))
+      .sort((a, b) => a - b);
+
+    const stateBuf = await fs.readFile(path.join(this.dir, STATE_FILE));
+    if (!stateBuf) {
+      if (ids.length > 0) this.corrupt({ reason: `${STATE_FILE} is missing but segment files exist`, intactThroughSeq: 0 });
+      // A new journal: its identity must be durable before any segment can exist.
+      this.journalId = randomBytes(ID_BYTES);
+      await this.writeState(0);
+      this.report = { drainedSeq: 0, records: 0, lastSeq: 0, segments: 0, removedSegments: 0 };
+      return;
+    }
+    const state = this.parseState(stateBuf);
+    this.journalId = Buffer.from(state.journalId, 'hex');
+    this.drained = state.drainedSeq;
+    if (names.includes(STATE_TMP)) await fs.unlink(path.join(this.dir, STATE_TMP)).catch(() => undefined);
+
+    const opened: Segment[] = [];
+    const removed: Segment[] = [];
+    let tornTail: RecoveryReport['tornTail'];
+    let prev: number | undefined; // last intact seq seen
+    let recovered = 0;
+    try {
+      for (const id of ids) {
+        const file = await fs.openFile(path.join(this.dir, segmentName(id)), 'existing');
+        opened.push({ id, file, size: 0, lastSeq: 0, readers: 0, deleted: false });
+      }
+      for (let i = 0; i < opened.length; i++) {
+        const seg = opened[i]!;
+        const isLast = i === opened.length - 1;
+        const size = await seg.file.size();
+        const scanner = new SegmentScanner(seg.file, size);
+        let pos = 0;
+        while (pos < size) {
+          const parsed = await this.parseAt(scanner, pos);
+          const expected = prev === undefined ? undefined : prev + 1;
+          if (parsed.ok) {
+            const r = parsed.rec;
+            if (expected === undefined ? r.seq > this.drained + 1 : r.seq !== expected) {
+              this.corrupt({
+                segment: seg.id,
+                offset: pos,
+                reason: `record seq ${r.seq} where ${expected ?? `at most ${this.drained + 1}`} was expected`,
+                intactThroughSeq: prev ?? this.drained,
+              });
+            }
+            prev = r.seq;
+            seg.lastSeq = r.seq;
+            pos += r.recordBytes;
+            seg.size = pos;
+            if (r.seq > this.drained) {
+              recovered++;
+              this.durable = r.seq;
+              this.assignedSeq = r.seq;
+              this.deliver({
+                seq: r.seq,
+                receiveTime: r.receiveTime,
+                lba: r.lba,
+                blocks: r.blocks,
+                kind: r.kind,
+                location: { segment: seg.id, offset: pos - r.recordBytes + HEADER_BYTES, kind: r.kind, blocks: r.blocks },
+              });
+            }
+            continue;
+          }
+          const intactThroughSeq = prev ?? this.drained;
+          if (!isLast) {
+            this.corrupt({ segment: seg.id, offset: pos, reason: parsed.reason, intactThroughSeq });
+          }
+          const missing = (prev ?? this.drained) + 1;
+          const behind = await this.scanBehind(scanner, pos, missing);
+          if (behind.laterGroup !== undefined) {
+            this.corrupt({
+              segment: seg.id,
+              offset: pos,
+              reason: `${parsed.reason}, yet record ${behind.laterGroup} of a later commit group follows it`,
+              intactThroughSeq,
+            });
+          }
+          await seg.file.truncate(pos);
+          await seg.file.datasync();
+          this.stats.fsyncs++;
+          tornTail = {
+            segment: seg.id,
+            offset: pos,
+            discardedBytes: size - pos,
+            discardedRecords: behind.valid,
+            reason: parsed.reason,
+          };
+          break;
+        }
+      }
+      // Empty segments and those holding only drained records go.
+      for (const seg of opened) {
+        if (seg.size === 0 || seg.lastSeq <= this.drained) removed.push(seg);
+      }
+      for (const seg of removed) {
+        await seg.file.close();
+        await fs.unlink(path.join(this.dir, segmentName(seg.id)));
+      }
+      if (removed.length > 0) {
+        await fs.syncDir(this.dir);
+        this.stats.fsyncs++;
+      }
+    } catch (err) {
+      for (const seg of opened) if (!removed.includes(seg)) await seg.file.close().catch(() => undefined);
+      throw err;
+    }
+    for (const seg of opened) {
+      if (removed.includes(seg)) continue;
+      this.segments.set(seg.id, seg);
+      this.diskBytes += seg.size;
+    }
+    this.nextSegmentId = (ids.at(-1) ?? 0) + 1;
+    this.assignedSeq = Math.max(this.assignedSeq, this.drained);
+    this.durable = Math.max(this.durable, this.drained);
+    this.report = {
+      drainedSeq: this.drained,
+      records: recovered,
+      lastSeq: this.assignedSeq,
+      segments: this.segments.size,
+      removedSegments: removed.length,
+      ...(tornTail ? { tornTail } : {}),
+    };
+    this.checkHighWater();
+  }
+
+  private parseState(buf: Buffer): StateFile {
+    let s: Partial<StateFile>;
+    try {
+      s = JSON.parse(buf.toString('utf8')) as Partial<StateFile>;
+    } catch {
+      this.corrupt({ reason: `${STATE_FILE} is not valid JSON`, intactThroughSeq: 0 });
+    }
+    if (
+      s.version !== FORMAT_VERSION ||
+      typeof s.journalId !== 'string' ||
+      !/^[0-9a-f]{16}$/.test(s.journalId) ||
+      !Number.isSafeInteger(s.drainedSeq) ||
+      s.drainedSeq! < 0
+    ) {
+      this.corrupt({ reason: `${STATE_FILE} has unexpected contents`, intactThroughSeq: 0 });
+    }
+    if (s.blockSize !== this.blockSize) {
+      throw new Error(`journal ${this.dir} was created with block size ${s.blockSize}, opened with ${this.blockSize}`);
+    }
+    return s as StateFile;
+  }
+
+  /** Validates the record at `pos` completely (header sanity, bounds, CRC). */
+  private async parseAt(scanner: SegmentScanner, pos: number): Promise<ParseResult> {
+    if (scanner.size - pos < HEADER_BYTES) return { ok: false, reason: 'incomplete record header' };
+    const h = await scanner.bytes(pos, HEADER_BYTES);
+    if (h.readUInt32LE(0) !== MAGIC) return { ok: false, reason: 'no record magic' };
+    if (h.readUInt16LE(4) !== FORMAT_VERSION) return { ok: false, reason: `unknown format version ${h.readUInt16LE(4)}` };
+    if (!h.subarray(56, 56 + ID_BYTES).equals(this.journalId)) return { ok: false, reason: 'record of another journal' };
+    const kind = CODE_KIND[h.readUInt8(6)];
+    if (!kind) return { ok: false, reason: `unknown record kind ${h.readUInt8(6)}` };
+    const seq = getU64(h, 8);
+    const batchFirstSeq = getU64(h, 16);
+    const receiveTime = getU64(h, 24);
+    const lba = getU64(h, 32);
+    const blocks = h.readUInt32LE(40);
+    const dataBytes = h.readUInt32LE(48);
+    const recordBytes = h.readUInt32LE(52);
+    if (
+      !(seq >= 1) ||
+      !(batchFirstSeq >= 1 && batchFirstSeq <= seq) ||
+      !(receiveTime >= 0) ||
+      !(lba >= 0) ||
+      blocks < 1 ||
+      !Number.isSafeInteger(lba + blocks) ||
+      h.readUInt32LE(44) !== this.blockSize ||
+      dataBytes !== dataBytesFor(kind, blocks, this.blockSize) ||
+      recordBytes !== HEADER_BYTES + alignUp(dataBytes)
+    ) {
+      return { ok: false, reason: 'inconsistent record header' };
+    }
+    if (pos + recordBytes > scanner.size) return { ok: false, reason: 'record extends past the end of the file' };
+    const data = dataBytes > 0 ? await scanner.bytes(pos + HEADER_BYTES, dataBytes) : undefined;
+    // Re-read the header view: a data read may have moved the scanner's window.
+    const header = await scanner.bytes(pos, HEADER_BYTES);
+    const crc = crc32c(header.subarray(0, CRC_OFFSET), data ? crc32c(data) : 0);
+    if (crc !== header.readUInt32LE(CRC_OFFSET)) return { ok: false, reason: 'CRC mismatch' };
+    return { ok: true, rec: { seq, batchFirstSeq, receiveTime, lba, blocks, kind, recordBytes } };
+  }
+
+  /**
+   * Looks behind a bad record at `from` for intact records. One whose commit group began after the
+   * missing seq proves the bad record's group was complete (acknowledged) before the crash.
+   */
+  private async scanBehind(
+    scanner: SegmentScanner,
+    from: number,
+    missingSeq: number,
+  ): Promise<{ valid: number; laterGroup: number | undefined }> {
+    let valid = 0;
+    let laterGroup: number | undefined;
+    let pos = from + ALIGN;
+    while (pos + HEADER_BYTES <= scanner.size) {
+      const parsed = await this.parseAt(scanner, pos);
+      if (parsed.ok) {
+        valid++;
+        if (parsed.rec.batchFirstSeq > missingSeq && laterGroup === undefined) laterGroup = parsed.rec.seq;
+        pos += parsed.rec.recordBytes;
+      } else {
+        pos += ALIGN;
+      }
+    }
+    return { valid, laterGroup };
+  }
+}

@@ -1,0 +1,143 @@
+import type { Logger } from 'pino';
+import type { FrontTarget } from '../front/types.ts';
+import type { Portal } from '../front/portal.ts';
+import { InlineDevice } from '../proxy/inline-device.ts';
+import type { ItNexus, ScsiOutcome, ScsiTargetDevice, ScsiTask } from '../scsi/task.ts';
+import type { MainTargetControl } from '../switch/main-control.ts';
+import type { VolumeConfig } from '../control/config.ts';
+import type { SessionView } from '../control/model.ts';
+import type { CaptureDevice } from './capture-device.ts';
+import { Gate } from './gate.ts';
+
+export interface CommandObserver {
+  (volume: string, task: ScsiTask, outcome: ScsiOutcome | undefined, seconds: number): void;
+}
+
+function fmt(hp: { host: string; port: number }): string {
+  return hp.host.includes(':') ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`;
+}
+
+/**
+ * One configured volume at run time: the target detour presents for it, where its commands go
+ * (forwarded to the main target, or into the capture device during a backup), whether logins are
+ * redirected to the main target, and the gate that holds commands during switch-over and cutover.
+ */
+export class Volume implements ScsiTargetDevice {
+  readonly forwarder: InlineDevice;
+  readonly gate = new Gate();
+  readonly target: FrontTarget;
+  portal: Portal | undefined;
+  /** Set for the duration of a backup: writes go to the journal. */
+  capture: CaptureDevice | undefined;
+  /** While set, logins are accepted even in the redirecting topologies (a backup is switching in or running). */
+  accepting = false;
+  private forwardedInFlight = 0;
+  private forwardIdleWaiters: Array<() => void> = [];
+  observer: CommandObserver | undefined;
+
+  constructor(
+    readonly config: VolumeConfig,
+    readonly control: MainTargetControl,
+    readonly localAddress: string,
+    portalGroupTag: number,
+    private readonly log: Logger,
+  ) {
+    this.forwarder = new InlineDevice({ volume: config.name, targetName: config.target, main: fmt(config.main), localAddress, logger: log });
+    this.target = {
+      name: config.target,
+      portalGroupTag,
+      device: this,
+      redirect: () => {
+        // Outside a backup, the redirecting topologies keep detour out of the data path.
+        if (config.topology === 'inline' || this.accepting) return undefined;
+        return { address: `${fmt(config.main)},${portalGroupTag}` };
+      },
+    };
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  get mainPortal(): string {
+    return fmt(this.config.main);
+  }
+
+  /** Sessions logged in to detour for this volume. */
+  frontSessions() {
+    return (this.portal?.sessions.all() ?? []).filter((s) => s.target === this.target && !s.closed);
+  }
+
+  sessionViews(): SessionView[] {
+    return this.frontSessions().map((s) => ({
+      initiator: s.initiatorName,
+      isid: s.isid.toString('hex'),
+      tsih: s.tsih,
+      mode: this.capture ? 'capture' : 'inline',
+    }));
+  }
+
+  /** AsyncEvent 1 to every initiator of the volume: log out (and come back by login). */
+  requestLogoutAll(seconds = 2): number {
+    let n = 0;
+    for (const s of this.frontSessions()) for (const c of s.connections) {
+      c.requestLogout(seconds);
+      n++;
+    }
+    return n;
+  }
+
+  /** Resolves once no forwarded command is executing on the main target. */
+  forwardIdle(): Promise<void> {
+    if (this.forwardedInFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.forwardIdleWaiters.push(resolve));
+  }
+
+  // ---- ScsiTargetDevice -----------------------------------------------------------------------
+
+  async nexusOpened(nexus: ItNexus): Promise<void> {
+    // Every session gets its backend session, whatever the mode: identity commands and
+    // reservations always go to the main target on the initiator's own I_T nexus.
+    await this.forwarder.nexusOpened(nexus);
+    this.log.info({ volume: this.name, initiator: nexus.initiatorName, tsih: nexus.tsih, mode: this.capture ? 'capture' : 'inline' }, 'session on detour');
+  }
+
+  async nexusClosed(nexus: ItNexus): Promise<void> {
+    await this.forwarder.nexusClosed(nexus);
+  }
+
+  async reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {
+    return this.forwarder.reset(nexus, kind, lun);
+  }
+
+  async execute(task: ScsiTask): Promise<ScsiOutcome> {
+    const held = this.gate.pass();
+    if (held) await held;
+    const started = process.hrtime.bigint();
+    let outcome: ScsiOutcome | undefined;
+    try {
+      const capture = this.capture;
+      if (capture) {
+        outcome = await capture.execute(task);
+      } else {
+        this.forwardedInFlight++;
+        try {
+          outcome = await this.forwarder.execute(task);
+        } finally {
+          if (--this.forwardedInFlight === 0) {
+            const w = this.forwardIdleWaiters;
+            this.forwardIdleWaiters = [];
+            for (const f of w) f();
+          }
+        }
+      }
+      return outcome;
+    } finally {
+      this.observer?.(this.name, task, outcome, Number(process.hrtime.bigint() - started) / 1e9);
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.forwarder.close();
+  }
+}
