@@ -16,6 +16,22 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
     summary: 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN]   a file-backed iSCSI target',
     load: async () => (await import('./target-command.ts')).targetCommand,
   },
+  backup: {
+    summary: 'backup start VOLUME [--label TEXT] [--wait] [--json] | list | show ID | cancel ID   manage backups',
+    load: async () => (await import('./commands/backup.ts')).backupCommand,
+  },
+  sync: {
+    summary: 'sync VOLUME [--timeout 10s]   wait until accepted writes have reached the main target',
+    load: async () => (await import('./commands/sync.ts')).syncCommand,
+  },
+  status: {
+    summary: 'status [--json]             volumes, sessions and backups in progress',
+    load: async () => (await import('./commands/status.ts')).statusCommand,
+  },
+  restore: {
+    summary: 'restore ID --to-file PATH [--store DIR | --config FILE]   write a backup\'s raw image to a file',
+    load: async () => (await import('./restore-command.ts')).restoreCommand,
+  },
   start: {
     summary: 'start                       run detour on embedded defaults (npm start)',
     load: async () => (await import('./start.ts')).startCommand,
