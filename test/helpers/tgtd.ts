@@ -51,7 +51,8 @@ export class Tgtd {
     // start failure, so retry with another number.
     for (let attempt = 0; attempt < 5; attempt++) {
       const port = await freePort(host);
-      const controlPort = 1000 + Math.floor(Math.random() * 60000);
+      // tgtd -C takes 0..32767.
+      const controlPort = 1000 + Math.floor(Math.random() * 31000);
       const logs: string[] = [];
       const proc = spawn('tgtd', ['-f', '-C', String(controlPort), '--iscsi', `portal=${host}:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
       proc.stdout!.on('data', (d: Buffer) => logs.push(d.toString()));
