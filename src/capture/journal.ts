@@ -227,16 +227,23 @@ export interface JournalOptions {
   dir: string;
   /** Logical block size of the volume: a power of two, 512 .. 1 MiB. Fixed for the journal's life. */
   blockSize: number;
-  /** Byte limit of the live segment files. Default unlimited. */
+  /**
+   * Byte limit of the live segment files. Default unlimited. The owner should keep it below the
+   * file system's free space: ENOSPC from the disk is a disk failure, not back-pressure.
+   */
   capacityBytes?: number;
   /** Usage ratio at which 'high-water' fires. Default 0.8. */
   highWaterRatio?: number;
   /**
    * Target size of a segment file. Space is freed a whole segment at a time, so keep it well below
-   * the capacity. Default capacity/64 clamped to 16 MiB .. 1 GiB (256 MiB when unlimited).
+   * the capacity; each live segment holds an open file descriptor. Default capacity/64 clamped to
+   * 16 MiB .. 1 GiB but at most capacity/4 (256 MiB when unlimited).
    */
   segmentBytes?: number;
-  /** Largest commit group (one write + one fdatasync). Default 8 MiB; a bigger record goes alone. */
+  /**
+   * Largest commit group (one write + one fdatasync), also capped at segmentBytes. Default 8 MiB;
+   * a bigger record goes alone.
+   */
   maxBatchBytes?: number;
   /**
    * The snapshot-map hook. Called synchronously, in strict seq order, for every durable record:
@@ -585,7 +592,9 @@ export class Journal extends EventEmitter<JournalEvents> {
     if (!(ratio > 0 && ratio <= 1)) throw new RangeError(`highWaterRatio must be in (0, 1], got ${ratio}`);
     const segmentBytes =
       opts.segmentBytes ??
-      (Number.isFinite(capacity) ? Math.min(1 << 30, Math.max(16 << 20, alignUp(capacity / 64))) : 256 << 20);
+      (Number.isFinite(capacity)
+        ? Math.max(ALIGN, Math.min(1 << 30, Math.max(16 << 20, alignUp(capacity / 64)), alignUp(capacity / 4)))
+        : 256 << 20);
     if (!Number.isSafeInteger(segmentBytes) || segmentBytes < ALIGN) {
       throw new RangeError(`segmentBytes must be an integer >= ${ALIGN}, got ${segmentBytes}`);
     }
@@ -785,9 +794,13 @@ export class Journal extends EventEmitter<JournalEvents> {
       while (this.queue.length > 0 && !this.failure) {
         const batch: Pending[] = [];
         let bytes = 0;
+        // A group never spans segments, and never makes one outgrow segmentBytes (only a single
+        // record larger than that does): space is freed by whole segments, so their size is the
+        // granularity of back-pressure.
+        const limit = Math.min(this.maxBatchBytes, this.segmentBytes);
         while (this.queue.length > 0) {
           const next = this.queue[0]!;
-          if (batch.length > 0 && bytes + next.image.length > this.maxBatchBytes) break;
+          if (batch.length > 0 && bytes + next.image.length > limit) break;
           batch.push(this.queue.shift()!);
           bytes += next.image.length;
         }
@@ -1016,8 +1029,8 @@ export class Journal extends EventEmitter<JournalEvents> {
       // records, and open() deletes it again.
       await this.fs.unlink(path.join(this.dir, segmentName(seg.id)));
     }
-    this.checkHighWater();
     this.admitWaiters();
+    this.checkHighWater();
   }
 
   private async writeState(drainedSeq: number): Promise<void> {
@@ -1330,11 +1343,11 @@ export class Journal extends EventEmitter<JournalEvents> {
       return { ok: false, reason: 'inconsistent record header' };
     }
     if (pos + recordBytes > scanner.size) return { ok: false, reason: 'record extends past the end of the file' };
+    // The data read may move the scanner's window; the header view stays valid (windows are new
+    // buffers), so no re-read is needed.
     const data = dataBytes > 0 ? await scanner.bytes(pos + HEADER_BYTES, dataBytes) : undefined;
-    // Re-read the header view: a data read may have moved the scanner's window.
-    const header = await scanner.bytes(pos, HEADER_BYTES);
-    const crc = crc32c(header.subarray(0, CRC_OFFSET), data ? crc32c(data) : 0);
-    if (crc !== header.readUInt32LE(CRC_OFFSET)) return { ok: false, reason: 'CRC mismatch' };
+    const crc = crc32c(h.subarray(0, CRC_OFFSET), data ? crc32c(data) : 0);
+    if (crc !== h.readUInt32LE(CRC_OFFSET)) return { ok: false, reason: 'CRC mismatch' };
     return { ok: true, rec: { seq, batchFirstSeq, receiveTime, lba, blocks, kind, recordBytes } };
   }
 

@@ -1,0 +1,731 @@
+import { spawn } from 'node:child_process';
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  Journal,
+  JournalClosedError,
+  JournalCorruptError,
+  JournalDataDrainedError,
+  JournalFailedError,
+  nodeJournalFs,
+  type JournalFile,
+  type JournalFileSystem,
+  type JournalOptions,
+  type JournalRecord,
+  type JournalUsage,
+} from '../src/capture/journal.ts';
+
+const repoRoot = path.resolve(import.meta.dirname, '..');
+const journalModule = path.join(repoRoot, 'src/capture/journal.ts');
+
+const dirs: string[] = [];
+async function tempDir(): Promise<string> {
+  const d = await mkdtemp(path.join(tmpdir(), 'detour-journal-'));
+  dirs.push(d);
+  return d;
+}
+afterEach(async () => {
+  for (const d of dirs.splice(0)) await rm(d, { recursive: true, force: true });
+});
+
+/** Deterministic block contents derived from a seq (the crash child below has a JS copy). */
+function pattern(seq: number, bytes: number): Buffer {
+  const b = Buffer.allocUnsafe(bytes);
+  let x = (seq * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < bytes; i += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  return b;
+}
+
+function tick(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/** A file system that counts fdatasyncs and can hold them (gate) or make them fail. */
+function instrumentedFs() {
+  const counters = { datasync: 0, syncDir: 0 };
+  const control: { gate?: Promise<void>; failNextDatasync?: Error } = {};
+  const fs: JournalFileSystem = {
+    ...nodeJournalFs,
+    async syncDir(dir) {
+      counters.syncDir++;
+      return nodeJournalFs.syncDir(dir);
+    },
+    async openFile(file, mode) {
+      const f = await nodeJournalFs.openFile(file, mode);
+      const wrapped: JournalFile = {
+        write: (b, p) => f.write(b, p),
+        read: (b, p) => f.read(b, p),
+        truncate: (n) => f.truncate(n),
+        size: () => f.size(),
+        close: () => f.close(),
+        async datasync() {
+          counters.datasync++;
+          if (control.gate) await control.gate;
+          const err = control.failNextDatasync;
+          if (err) {
+            control.failNextDatasync = undefined;
+            throw err;
+          }
+          return f.datasync();
+        },
+      };
+      return wrapped;
+    },
+  };
+  return { fs, counters, control };
+}
+
+function gate(): { promise: Promise<void>; open: () => void } {
+  let open!: () => void;
+  const promise = new Promise<void>((resolve) => (open = resolve));
+  return { promise, open };
+}
+
+async function segmentFiles(dir: string): Promise<string[]> {
+  return (await readdir(dir)).filter((n) => n.endsWith('.jnl')).sort();
+}
+
+async function openJournal(dir: string, extra: Partial<JournalOptions> = {}): Promise<Journal> {
+  return Journal.open({ dir, blockSize: 512, ...extra });
+}
+
+/** Opens with a reflect hook that collects the recovered records. */
+async function reopen(dir: string, extra: Partial<JournalOptions> = {}): Promise<{ j: Journal; recs: JournalRecord[] }> {
+  const recs: JournalRecord[] = [];
+  const j = await openJournal(dir, { ...extra, reflect: (r) => recs.push(r) });
+  return { j, recs };
+}
+
+describe('Journal append and readData', () => {
+  it('round-trips every record kind with byte comparison, whole and in parts', async () => {
+    const dir = await tempDir();
+    const j = await Journal.open({ dir, blockSize: 4096 });
+    const w = await j.append({ lba: 100, blocks: 8, data: pattern(1, 8 * 4096), receiveTime: 1234 });
+    const same = await j.append({ lba: 5000, blocks: 1000, kind: 'write-same', data: pattern(2, 4096) });
+    const un = await j.append({ lba: 9000, blocks: 3, kind: 'unmap' });
+    expect([w.seq, same.seq, un.seq]).toEqual([1, 2, 3]);
+    expect(w).toMatchObject({ lba: 100, blocks: 8, kind: 'write', receiveTime: 1234 });
+    expect(w.location).toMatchObject({ kind: 'write', blocks: 8 });
+    // Data starts one 512-byte header into its record, and records are 512-aligned.
+    expect(w.location.offset % 512).toBe(0);
+    expect(same.location.offset).toBe(w.location.offset + 8 * 4096 + 512);
+
+    expect((await j.readData(w.location)).equals(pattern(1, 8 * 4096))).toBe(true);
+    expect((await j.readData(w.location, 3, 2)).equals(pattern(1, 8 * 4096).subarray(3 * 4096, 5 * 4096))).toBe(true);
+    const s = await j.readData(same.location, 998, 2);
+    expect(s.equals(Buffer.concat([pattern(2, 4096), pattern(2, 4096)]))).toBe(true);
+    expect((await j.readData(un.location)).equals(Buffer.alloc(3 * 4096))).toBe(true);
+    await expect(j.readData(w.location, 7, 2)).rejects.toThrow(RangeError);
+
+    await j.close();
+    const { j: j2, recs } = await reopen(dir, { blockSize: 4096 });
+    expect(recs).toEqual([w, same, un]);
+    expect((await j2.readData(recs[0]!.location, 1, 7)).equals(pattern(1, 8 * 4096).subarray(4096))).toBe(true);
+    expect((await j2.readData(recs[1]!.location)).equals(Buffer.concat(Array(1000).fill(pattern(2, 4096))))).toBe(true);
+    await j2.close();
+  });
+
+  it('copies the caller data at append time: later changes to the buffer do not matter', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    const data = pattern(7, 1024);
+    const p = j.append({ lba: 0, blocks: 2, data });
+    data.fill(0xee);
+    const rec = await p;
+    expect((await j.readData(rec.location)).equals(pattern(7, 1024))).toBe(true);
+    await j.close();
+    const { j: j2, recs } = await reopen(dir);
+    expect((await j2.readData(recs[0]!.location)).equals(pattern(7, 1024))).toBe(true);
+    await j2.close();
+  });
+
+  it('rejects malformed requests without consuming a seq', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    await expect(j.append({ lba: 0, blocks: 2, data: Buffer.alloc(512) })).rejects.toThrow(/needs 1024 data bytes/);
+    await expect(j.append({ lba: 0, blocks: 2, kind: 'write-same', data: Buffer.alloc(1024) })).rejects.toThrow(RangeError);
+    await expect(j.append({ lba: 0, blocks: 2, kind: 'unmap', data: Buffer.alloc(512) })).rejects.toThrow(RangeError);
+    await expect(j.append({ lba: -1, blocks: 1, data: Buffer.alloc(512) })).rejects.toThrow(RangeError);
+    await expect(j.append({ lba: 0, blocks: 0, data: Buffer.alloc(0) })).rejects.toThrow(RangeError);
+    expect(j.lastSeq).toBe(0);
+    expect((await j.append({ lba: 0, blocks: 1, data: Buffer.alloc(512) })).seq).toBe(1);
+    await j.close();
+    await expect(j.append({ lba: 0, blocks: 1, data: Buffer.alloc(512) })).rejects.toBeInstanceOf(JournalClosedError);
+  });
+
+  it('refuses to reopen with another block size', async () => {
+    const dir = await tempDir();
+    await (await openJournal(dir)).close();
+    await expect(Journal.open({ dir, blockSize: 4096 })).rejects.toThrow(/block size 512/);
+  });
+});
+
+describe('Journal group commit', () => {
+  it('covers 32 concurrent appends with one fdatasync and resolves them in seq order', async () => {
+    const dir = await tempDir();
+    const { fs, counters } = instrumentedFs();
+    const j = await openJournal(dir, { fs });
+    const order: number[] = [];
+    const all = Array.from({ length: 32 }, (_, i) =>
+      j.append({ lba: i * 8, blocks: 8, data: pattern(i + 1, 4096) }).then((r) => {
+        order.push(r.seq);
+        return r;
+      }),
+    );
+    const recs = await Promise.all(all);
+    expect(recs.map((r) => r.seq)).toEqual(Array.from({ length: 32 }, (_, i) => i + 1));
+    expect(order).toEqual(recs.map((r) => r.seq));
+    expect(counters.datasync).toBe(1);
+    expect(j.stats.batches).toBe(1);
+    expect(j.stats.largestBatch).toBe(32);
+    for (const r of recs) expect((await j.readData(r.location)).equals(pattern(r.seq, 4096))).toBe(true);
+    await j.close();
+  });
+
+  it('acknowledges nothing before the fdatasync returns; appends during it form the next group', async () => {
+    const dir = await tempDir();
+    const { fs, counters, control } = instrumentedFs();
+    const j = await openJournal(dir, { fs });
+    const g = gate();
+    control.gate = g.promise;
+    let firstDone = false;
+    const first = j.append({ lba: 0, blocks: 1, data: pattern(1, 512) }).then((r) => {
+      firstDone = true;
+      return r;
+    });
+    for (const until = Date.now() + 10_000; counters.datasync === 0 && Date.now() < until; ) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    expect(counters.datasync).toBe(1); // the first group is in its fdatasync, held by the gate
+    const later = Array.from({ length: 50 }, (_, i) => j.append({ lba: 10 + i, blocks: 1, data: pattern(i + 2, 512) }));
+    for (let i = 0; i < 10; i++) await tick();
+    expect(firstDone).toBe(false);
+    expect(j.durableSeq).toBe(0);
+    expect(j.lastSeq).toBe(51);
+    control.gate = undefined;
+    g.open();
+    expect((await first).seq).toBe(1);
+    const rest = await Promise.all(later);
+    expect(rest.map((r) => r.seq)).toEqual(Array.from({ length: 50 }, (_, i) => i + 2));
+    expect(counters.datasync).toBe(2);
+    expect(j.stats.largestBatch).toBe(50);
+    await j.close();
+  });
+
+  it('splits a flood into groups of at most maxBatchBytes', async () => {
+    const dir = await tempDir();
+    const { fs, counters } = instrumentedFs();
+    // Each record is 512 + 4096 bytes; 10 fit in a 46080-byte group.
+    const j = await openJournal(dir, { fs, maxBatchBytes: 46_080 });
+    const recs = await Promise.all(Array.from({ length: 95 }, (_, i) => j.append({ lba: i, blocks: 8, data: pattern(i + 1, 4096) })));
+    expect(recs.at(-1)!.seq).toBe(95);
+    expect(counters.datasync).toBe(10);
+    expect(j.stats.largestBatch).toBe(10);
+    await j.close();
+  });
+
+  it('measures append and fdatasync rates with 32 concurrent 4 KiB writers', async () => {
+    const dir = await tempDir();
+    const j = await Journal.open({ dir, blockSize: 4096 });
+    const data = pattern(1, 4096);
+    const until = performance.now() + 2000;
+    const start = performance.now();
+    let n = 0;
+    await Promise.all(
+      Array.from({ length: 32 }, async (_, w) => {
+        while (performance.now() < until) {
+          await j.append({ lba: (w * 1000 + (n % 1000)) * 1, blocks: 1, data });
+          n++;
+        }
+      }),
+    );
+    const secs = (performance.now() - start) / 1000;
+    const { appends, batches } = j.stats;
+    console.log(
+      `journal group commit, 32 x 4 KiB writers: ${(appends / secs).toFixed(0)} appends/s, ` +
+        `${(batches / secs).toFixed(0)} fdatasyncs/s, ${(appends / batches).toFixed(1)} records per fdatasync`,
+    );
+    expect(appends).toBe(n);
+    // Grouping must actually happen: far fewer data syncs than appends.
+    expect(batches * 4).toBeLessThan(appends);
+    await j.close();
+  });
+});
+
+describe('Journal reflection', () => {
+  it('tracks unreflected records, reflectedSeq and waiters; markReflected needs durability', async () => {
+    const dir = await tempDir();
+    const { fs, control } = instrumentedFs();
+    const j = await openJournal(dir, { fs });
+    const g = gate();
+    control.gate = g.promise;
+    const p1 = j.append({ lba: 10, blocks: 4, data: pattern(1, 2048) });
+    const p2 = j.append({ lba: 100, blocks: 2, data: pattern(2, 1024) });
+    expect(j.unreflected).toBe(2);
+    expect(j.unreflectedBytes).toBe(6 * 512);
+    expect(j.reflectedSeq).toBe(0);
+    expect(j.unreflectedOverlapping(12, 1)).toBe(1);
+    expect(j.unreflectedOverlapping(0, 200)).toBe(2);
+    expect(j.unreflectedOverlapping(14, 86)).toBeUndefined();
+    expect(() => j.markReflected(1)).toThrow(/not durable/);
+    let waited = false;
+    const w = j.waitReflected(2).then(() => (waited = true));
+    control.gate = undefined;
+    g.open();
+    const [r1, r2] = await Promise.all([p1, p2]);
+    expect([...j.unreflectedRecords()]).toEqual([r1, r2]);
+    j.markReflected(2); // out of order is allowed; reflectedSeq only covers a gap-free prefix
+    expect(j.reflectedSeq).toBe(0);
+    await tick();
+    expect(waited).toBe(false);
+    j.markReflected(1);
+    j.markReflected(1);
+    expect(j.reflectedSeq).toBe(2);
+    await w;
+    expect(waited).toBe(true);
+    expect(j.unreflected).toBe(0);
+    expect(j.unreflectedBytes).toBe(0);
+    await j.close();
+  });
+
+  it('calls the reflect hook in seq order before each append resolves', async () => {
+    const dir = await tempDir();
+    const events: string[] = [];
+    const j = await openJournal(dir, {
+      reflect: (r) => {
+        expect(j.durableSeq).toBeGreaterThanOrEqual(r.seq);
+        events.push(`reflect ${r.seq}`);
+      },
+    });
+    await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        j.append({ lba: i, blocks: 1, data: pattern(i + 1, 512) }).then((r) => {
+          events.push(`ack ${r.seq}`);
+          expect(j.reflectedSeq).toBeGreaterThanOrEqual(r.seq);
+        }),
+      ),
+    );
+    const reflects = events.filter((e) => e.startsWith('reflect'));
+    expect(reflects).toEqual(Array.from({ length: 10 }, (_, i) => `reflect ${i + 1}`));
+    for (let s = 1; s <= 10; s++) expect(events.indexOf(`reflect ${s}`)).toBeLessThan(events.indexOf(`ack ${s}`));
+    expect(j.reflectedSeq).toBe(10);
+    expect(j.unreflected).toBe(0);
+    await j.close();
+  });
+
+  it('a throwing reflect hook stops the journal instead of acknowledging', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, {
+      reflect: (r) => {
+        if (r.seq === 2) throw new Error('map refused');
+      },
+    });
+    const results = await Promise.allSettled(
+      [1, 2, 3].map((i) => j.append({ lba: i, blocks: 1, data: pattern(i, 512) })),
+    );
+    expect(results.map((r) => r.status)).toEqual(['fulfilled', 'rejected', 'rejected']);
+    await expect(j.append({ lba: 0, blocks: 1, data: pattern(9, 512) })).rejects.toBeInstanceOf(JournalFailedError);
+    await j.close();
+  });
+
+  it('recovery hands back every record unreflected, in order, when no hook is given', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    for (let i = 1; i <= 5; i++) {
+      const r = await j.append({ lba: i * 3, blocks: 2, data: pattern(i, 1024) });
+      j.markReflected(r.seq);
+    }
+    await j.close();
+    const j2 = await openJournal(dir);
+    expect(j2.reflectedSeq).toBe(0);
+    expect(j2.unreflected).toBe(5);
+    const recs = [...j2.unreflectedRecords()];
+    expect(recs.map((r) => [r.seq, r.lba])).toEqual([1, 2, 3, 4, 5].map((i) => [i, i * 3]));
+    for (const r of recs) j2.markReflected(r.seq);
+    expect(j2.reflectedSeq).toBe(5);
+    expect((await j2.append({ lba: 0, blocks: 1, data: pattern(6, 512) })).seq).toBe(6);
+    await j2.close();
+  });
+});
+
+describe('Journal crash recovery', () => {
+  it('truncating the final record at every byte offset recovers exactly the complete records', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    const written: JournalRecord[] = [];
+    for (let group = 0; group < 3; group++) {
+      const recs = await Promise.all(
+        Array.from({ length: 4 }, (_, i) => {
+          const seq = group * 4 + i + 1;
+          return j.append({ lba: seq * 10, blocks: 2, data: pattern(seq, 1024) });
+        }),
+      );
+      written.push(...recs);
+    }
+    // The final record: a single-block write in a group of its own.
+    written.push(await j.append({ lba: 7, blocks: 1, data: pattern(13, 512) }));
+    await j.close();
+    const [segName] = await segmentFiles(dir);
+    const segPath = path.join(dir, segName!);
+    const full = await readFile(segPath);
+    const finalStart = written.at(-1)!.location.offset - 512;
+    expect(full.length).toBe(finalStart + 1024);
+
+    for (let len = finalStart; len <= full.length; len++) {
+      await writeFile(segPath, full.subarray(0, len));
+      const { j: r, recs } = await reopen(dir);
+      const complete = len === full.length ? 13 : 12;
+      expect(recs.map((x) => x.seq), `length ${len}`).toEqual(Array.from({ length: complete }, (_, i) => i + 1));
+      expect(r.lastSeq).toBe(complete);
+      const torn = len !== finalStart && len !== full.length;
+      expect(r.recovery.tornTail !== undefined, `length ${len}`).toBe(torn);
+      if (torn) expect(r.recovery.tornTail).toMatchObject({ offset: finalStart, discardedBytes: len - finalStart });
+      if (len === finalStart + 300 || len === full.length) {
+        for (const x of recs) expect((await r.readData(x.location)).equals(pattern(x.seq, x.blocks * 512))).toBe(true);
+      }
+      await r.close();
+      // The torn bytes were cut off durably.
+      expect((await stat(segPath)).size).toBe(complete === 13 ? full.length : finalStart);
+    }
+
+    // After a torn tail, appending reuses the lost seq in a new segment and everything reopens.
+    await writeFile(segPath, full.subarray(0, finalStart + 700));
+    const j2 = await openJournal(dir);
+    const again = await j2.append({ lba: 8, blocks: 1, data: pattern(99, 512) });
+    expect(again.seq).toBe(13);
+    await j2.close();
+    const { j: j3, recs } = await reopen(dir);
+    expect(recs.map((x) => x.seq)).toEqual(Array.from({ length: 13 }, (_, i) => i + 1));
+    expect((await j3.readData(recs[12]!.location)).equals(pattern(99, 512))).toBe(true);
+    expect(await segmentFiles(dir)).toHaveLength(2);
+    await j3.close();
+  });
+
+  it('a lost record inside the last commit group is a torn tail, even with intact records behind it', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    await Promise.all([1, 2].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 512) })));
+    // One group of three; its middle record's pages "never reached the disk".
+    const group = await Promise.all([3, 4, 5].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 512) })));
+    await j.close();
+    const segPath = path.join(dir, (await segmentFiles(dir))[0]!);
+    const buf = await readFile(segPath);
+    buf.fill(0, group[1]!.location.offset - 512, group[1]!.location.offset + 512);
+    await writeFile(segPath, buf);
+    const { j: r, recs } = await reopen(dir);
+    expect(recs.map((x) => x.seq)).toEqual([1, 2, 3]);
+    expect(r.recovery.tornTail).toMatchObject({ discardedRecords: 1, offset: group[1]!.location.offset - 512 });
+    await r.close();
+  });
+
+  it('a corrupted record followed by later commit groups stops recovery and reports, changing nothing', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    const recs: JournalRecord[] = [];
+    for (let s = 1; s <= 6; s++) recs.push(await j.append({ lba: s, blocks: 2, data: pattern(s, 1024) }));
+    await j.close();
+    const segPath = path.join(dir, (await segmentFiles(dir))[0]!);
+    const buf = await readFile(segPath);
+    buf[recs[3]!.location.offset + 100]! ^= 0x40; // one bit of record 4's data
+    await writeFile(segPath, buf);
+
+    const seen: number[] = [];
+    const err = await Journal.open({ dir, blockSize: 512, reflect: (r) => seen.push(r.seq) }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(JournalCorruptError);
+    const report = (err as JournalCorruptError).report;
+    expect(report).toMatchObject({ offset: recs[3]!.location.offset - 512, intactThroughSeq: 3 });
+    expect(report.reason).toMatch(/CRC mismatch.*later commit group/);
+    // Only intact records were ever handed out, and the file was left alone for inspection.
+    expect(seen).toEqual([1, 2, 3]);
+    expect((await readFile(segPath)).equals(buf)).toBe(true);
+  });
+
+  it('damage in a segment that is not the last one is corruption', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 4096 });
+    for (let s = 1; s <= 12; s++) await j.append({ lba: s, blocks: 2, data: pattern(s, 1024) });
+    await j.close();
+    const segs = await segmentFiles(dir);
+    expect(segs.length).toBeGreaterThan(2);
+    const first = path.join(dir, segs[0]!);
+    const buf = await readFile(first);
+    await writeFile(first, buf.subarray(0, buf.length - 200)); // torn, but not at the journal's end
+    await expect(openJournal(dir)).rejects.toBeInstanceOf(JournalCorruptError);
+  });
+
+  it('a missing segment (seq gap) and a missing state file are corruption', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 2048 });
+    for (let s = 1; s <= 6; s++) await j.append({ lba: s, blocks: 2, data: pattern(s, 1024) });
+    await j.close();
+    const segs = await segmentFiles(dir);
+    await rm(path.join(dir, segs[1]!));
+    await expect(openJournal(dir)).rejects.toThrow(/seq \d+ where \d+ was expected/);
+    await rm(path.join(dir, 'journal-state.json'));
+    await expect(openJournal(dir)).rejects.toThrow(/journal-state.json is missing/);
+  });
+
+  it('a failed fdatasync rejects its group, acknowledges nothing more, and recovery returns only acknowledged records', async () => {
+    const dir = await tempDir();
+    const { fs, control } = instrumentedFs();
+    const j = await openJournal(dir, { fs });
+    const ok = await Promise.all([1, 2, 3].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 512) })));
+    control.failNextDatasync = Object.assign(new Error('EIO: i/o error'), { code: 'EIO' });
+    const failed = await Promise.allSettled([4, 5].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 512) })));
+    expect(failed.map((r) => r.status)).toEqual(['rejected', 'rejected']);
+    expect((failed[0] as PromiseRejectedResult).reason).toBeInstanceOf(JournalFailedError);
+    await expect(j.append({ lba: 6, blocks: 1, data: pattern(6, 512) })).rejects.toBeInstanceOf(JournalFailedError);
+    await expect(j.markDrained(1)).rejects.toBeInstanceOf(JournalFailedError);
+    expect(j.durableSeq).toBe(3);
+    // Durable data stays readable.
+    expect((await j.readData(ok[2]!.location)).equals(pattern(3, 512))).toBe(true);
+    await j.close();
+    const { j: r, recs } = await reopen(dir);
+    expect(recs.map((x) => x.seq)).toEqual([1, 2, 3]);
+    await r.close();
+  });
+
+  it('close() flushes appends already admitted', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    const pending = Array.from({ length: 10 }, (_, i) => j.append({ lba: i, blocks: 1, data: pattern(i + 1, 512) }));
+    await j.close();
+    expect((await Promise.all(pending)).map((r) => r.seq)).toEqual(Array.from({ length: 10 }, (_, i) => i + 1));
+    const { j: r, recs } = await reopen(dir);
+    expect(recs).toHaveLength(10);
+    await r.close();
+  });
+
+  it('survives SIGKILL of an appending process at random moments (real crash)', async () => {
+    const dir = await tempDir();
+    // The child appends with 16 concurrent writers, prints every acknowledged seq, and now and
+    // then marks older records drained. Its data, lba, length and receive time derive from seq.
+    const child = `
+      import { pathToFileURL } from 'node:url';
+      const [dir, mod] = process.argv.slice(1);
+      const { Journal } = await import(pathToFileURL(mod).href);
+      function pattern(seq, bytes) {
+        const b = Buffer.allocUnsafe(bytes);
+        let x = (seq * 2654435761) >>> 0 || 1;
+        for (let i = 0; i < bytes; i += 4) {
+          x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+          b.writeUInt32LE(x, i);
+        }
+        return b;
+      }
+      const j = await Journal.open({ dir, blockSize: 512, segmentBytes: 128 * 1024, reflect: () => {} });
+      const out = (s) => process.stdout.write(s);
+      out('ready ' + j.lastSeq + '\\n');
+      async function writer() {
+        for (;;) {
+          const seq = j.lastSeq + 1;
+          const blocks = 1 + (seq % 8);
+          const rec = await j.append({ lba: (seq * 7919) % 100000, blocks, data: pattern(seq, blocks * 512), receiveTime: seq });
+          if (rec.seq !== seq) { out('mismatch ' + seq + ' ' + rec.seq + '\\n'); process.exit(3); }
+          out('ack ' + seq + '\\n');
+          if (seq % 300 === 0 && j.reflectedSeq - 200 > j.drainedSeq) {
+            const t = j.reflectedSeq - 200;
+            await j.markDrained(t);
+            out('drained ' + t + '\\n');
+          }
+        }
+      }
+      for (let i = 0; i < 16; i++) writer();
+    `;
+    let previousLast = 0;
+    for (let round = 0; round < 4; round++) {
+      const proc = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', child, dir, journalModule], {
+        cwd: repoRoot,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let stdout = '';
+      let stderr = '';
+      proc.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
+      // Kill after a random number of acknowledgements, so the moment varies.
+      const killAfter = 500 + Math.floor(Math.random() * 3000);
+      const deadline = Date.now() + 30_000;
+      while (Date.now() < deadline && (stdout.match(/^ack /gm)?.length ?? 0) < killAfter && proc.exitCode === null) {
+        await new Promise((r) => setTimeout(r, 2 + Math.random() * 10));
+      }
+      proc.kill('SIGKILL');
+      await exited;
+      expect(stderr, 'child stderr').not.toMatch(/Error/);
+      expect(stdout).not.toMatch(/mismatch/);
+      // Only complete lines count: a line cut by the kill is ignored.
+      const lines = stdout.split('\n').slice(0, -1);
+      expect(lines[0]).toBe(`ready ${previousLast}`);
+      const acked = lines.filter((l) => l.startsWith('ack ')).map((l) => Number(l.slice(4)));
+      const drainedMarks = lines.filter((l) => l.startsWith('drained ')).map((l) => Number(l.slice(8)));
+      expect(acked.length).toBeGreaterThan(100);
+
+      const { j, recs } = await reopen(dir, { segmentBytes: 128 * 1024 });
+      const drained = j.drainedSeq;
+      expect(drained).toBeGreaterThanOrEqual(Math.max(0, ...drainedMarks));
+      // A gap-free run from the drain point that includes every acknowledged write.
+      expect(recs[0]?.seq ?? drained + 1).toBe(drained + 1);
+      recs.forEach((r, i) => expect(r.seq).toBe(drained + 1 + i));
+      expect(j.lastSeq).toBeGreaterThanOrEqual(Math.max(...acked));
+      const recovered = new Set(recs.map((r) => r.seq));
+      for (const s of acked) if (s > drained) expect(recovered.has(s), `acknowledged seq ${s}`).toBe(true);
+      // Every recovered record, acknowledged or not, is complete and exactly what was written.
+      let bad = 0;
+      for (const r of recs) {
+        const blocks = 1 + (r.seq % 8);
+        if (r.blocks !== blocks || r.lba !== (r.seq * 7919) % 100000 || r.receiveTime !== r.seq) bad++;
+        else if (!(await j.readData(r.location)).equals(pattern(r.seq, blocks * 512))) bad++;
+      }
+      expect(bad).toBe(0);
+      previousLast = j.lastSeq;
+      await j.close();
+    }
+  });
+});
+
+describe('Journal draining', () => {
+  it('persists the drain point across reopen and deletes fully drained segments', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 4096, reflect: () => {} });
+    const recs: JournalRecord[] = [];
+    // 1536-byte records, one group each: two per 4 KiB segment.
+    for (let s = 1; s <= 10; s++) recs.push(await j.append({ lba: s * 4, blocks: 2, data: pattern(s, 1024) }));
+    expect(await segmentFiles(dir)).toHaveLength(5);
+    expect(j.records).toBe(10);
+    expect(j.bytes).toBe(10 * 1536);
+    await expect(j.markDrained(11)).rejects.toThrow(RangeError);
+    let drainedWaiter = false;
+    const w = j.waitDrained(5).then(() => (drainedWaiter = true));
+    await j.markDrained(5); // segments holding 1-2 and 3-4 go; 5-6 stays (6 is not drained)
+    await w;
+    expect(drainedWaiter).toBe(true);
+    expect(j.drainedSeq).toBe(5);
+    expect(j.records).toBe(5);
+    expect(await segmentFiles(dir)).toHaveLength(3);
+    expect(j.bytes).toBe(6 * 1536);
+    await expect(j.readData(recs[0]!.location)).rejects.toBeInstanceOf(JournalDataDrainedError);
+    expect((await j.readData(recs[4]!.location)).equals(pattern(5, 1024))).toBe(true);
+    await j.markDrained(3); // going backwards is a no-op
+    expect(j.drainedSeq).toBe(5);
+    await j.close();
+
+    const { j: j2, recs: again } = await reopen(dir, { segmentBytes: 4096 });
+    expect(j2.drainedSeq).toBe(5);
+    expect(again.map((r) => r.seq)).toEqual([6, 7, 8, 9, 10]);
+    expect(j2.recovery.records).toBe(5);
+    // Draining everything removes every segment, and seqs still continue after a restart.
+    await j2.markDrained(10);
+    expect(await segmentFiles(dir)).toHaveLength(0);
+    expect(j2.bytes).toBe(0);
+    await j2.close();
+    const { j: j3, recs: none } = await reopen(dir);
+    expect(none).toEqual([]);
+    expect(j3.lastSeq).toBe(10);
+    expect((await j3.append({ lba: 0, blocks: 1, data: pattern(11, 512) })).seq).toBe(11);
+    await j3.close();
+  });
+
+  it('open() deletes segments left behind by a crash between the drain-state update and the unlink', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 2048, reflect: () => {} });
+    for (let s = 1; s <= 4; s++) await j.append({ lba: s, blocks: 2, data: pattern(s, 1024) });
+    await j.close();
+    const before = await segmentFiles(dir);
+    expect(before).toHaveLength(4);
+    // Simulate: the state file says 2 is drained, but the segments are still there.
+    const state = JSON.parse(await readFile(path.join(dir, 'journal-state.json'), 'utf8')) as { drainedSeq: number };
+    state.drainedSeq = 2;
+    await writeFile(path.join(dir, 'journal-state.json'), JSON.stringify(state));
+    const { j: j2, recs } = await reopen(dir);
+    expect(recs.map((r) => r.seq)).toEqual([3, 4]);
+    expect(j2.recovery.removedSegments).toBe(2);
+    expect(await segmentFiles(dir)).toEqual(before.slice(2));
+    await j2.close();
+  });
+
+  it('a reader that pinned a segment keeps reading while the segment is drained away', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 2048, reflect: () => {} });
+    const a = await j.append({ lba: 0, blocks: 2, data: pattern(1, 1024) });
+    await j.append({ lba: 9, blocks: 2, data: pattern(2, 1024) });
+    const read = j.readData(a.location); // pinned synchronously
+    const drain = j.markDrained(1);
+    expect((await read).equals(pattern(1, 1024))).toBe(true);
+    await drain;
+    await expect(j.readData(a.location)).rejects.toBeInstanceOf(JournalDataDrainedError);
+    await j.close();
+  });
+});
+
+describe('Journal capacity', () => {
+  it('alerts at the high-water mark, applies back-pressure at the limit, resumes after draining', async () => {
+    const dir = await tempDir();
+    // 4608-byte records (4 KiB data); 2-record segments; room for 8 records.
+    const j = await Journal.open({
+      dir,
+      blockSize: 4096,
+      capacityBytes: 8 * 4608,
+      segmentBytes: 2 * 4608,
+      reflect: () => {},
+    });
+    const events: [string, JournalUsage][] = [];
+    for (const e of ['high-water', 'below-high-water', 'blocked', 'unblocked'] as const) {
+      j.on(e, (u) => events.push([e, u]));
+    }
+    const first = await Promise.all(Array.from({ length: 6 }, (_, i) => j.append({ lba: i, blocks: 1, data: pattern(i + 1, 4096) })));
+    expect(events).toEqual([]);
+    await j.append({ lba: 6, blocks: 1, data: pattern(7, 4096) }); // 7/8 = 87.5%
+    expect(events.map((e) => e[0])).toEqual(['high-water']);
+    expect(j.usage).toMatchObject({ usedBytes: 7 * 4608, highWater: true, waitingAppends: 0 });
+    await j.append({ lba: 7, blocks: 1, data: pattern(8, 4096) }); // full
+
+    const acked: number[] = [];
+    const blocked = [9, 10, 11].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 4096) }).then((r) => (acked.push(r.seq), r)));
+    for (let i = 0; i < 20; i++) await tick();
+    expect(acked).toEqual([]);
+    expect(events.map((e) => e[0])).toEqual(['high-water', 'blocked']);
+    expect(j.usage.waitingAppends).toBe(3);
+    expect(j.lastSeq).toBe(11);
+    expect(j.durableSeq).toBe(8);
+    // Unreflected includes the waiting ones: a reader must not overtake them.
+    expect(j.unreflectedOverlapping(10, 1)).toBe(10);
+
+    await j.markDrained(2); // frees one segment = room for two records
+    await Promise.all(blocked.slice(0, 2));
+    for (let i = 0; i < 10; i++) await tick();
+    expect(acked).toEqual([9, 10]);
+    await j.markDrained(4);
+    await blocked[2];
+    expect(acked).toEqual([9, 10, 11]);
+    expect(events.map((e) => e[0])).toEqual(['high-water', 'blocked', 'unblocked']);
+    await j.markDrained(11);
+    expect(events.map((e) => e[0])).toEqual(['high-water', 'blocked', 'unblocked', 'below-high-water']);
+    expect(j.usage.usedBytes).toBe(0);
+    expect(first[0]!.seq).toBe(1);
+    await j.close();
+  });
+
+  it('a record larger than the whole capacity is refused; waiting appends are refused at close', async () => {
+    const dir = await tempDir();
+    const j = await Journal.open({ dir, blockSize: 512, capacityBytes: 4096, segmentBytes: 1024 });
+    await expect(j.append({ lba: 0, blocks: 8, data: pattern(1, 4096) })).rejects.toThrow(/can never fit/);
+    await Promise.all(Array.from({ length: 4 }, (_, i) => j.append({ lba: i, blocks: 1, data: pattern(i + 1, 512) })));
+    const waiting = j.append({ lba: 9, blocks: 1, data: pattern(5, 512) }).catch((e: unknown) => e);
+    await tick();
+    expect(j.usage.waitingAppends).toBe(1);
+    await j.close();
+    expect(await waiting).toBeInstanceOf(JournalClosedError);
+    const { j: j2, recs } = await reopen(dir, { capacityBytes: 4096, segmentBytes: 1024 });
+    expect(recs.map((r) => r.seq)).toEqual([1, 2, 3, 4]);
+    await j2.close();
+  });
+});
