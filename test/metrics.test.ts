@@ -1,0 +1,205 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startApiServer, type RunningApiServer } from '../src/control/api-server.ts';
+import { BACKUP_PHASES, createMetrics, type DetourMetrics } from '../src/control/metrics.ts';
+import { FakeEngine, recordingLogger } from './helpers/fake-engine.ts';
+
+interface Sample {
+  name: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+/** Just enough of the Prometheus text format to look samples up by name and labels. */
+function parseExposition(text: string): { types: Map<string, string>; samples: Sample[] } {
+  const types = new Map<string, string>();
+  const samples: Sample[] = [];
+  for (const line of text.split('\n')) {
+    const t = /^# TYPE (\S+) (\S+)$/.exec(line);
+    if (t) {
+      types.set(t[1]!, t[2]!);
+      continue;
+    }
+    if (line === '' || line.startsWith('#')) continue;
+    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!m) throw new Error(`unparsable exposition line: ${line}`);
+    const labels: Record<string, string> = {};
+    for (const l of (m[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]!] = l[2]!;
+    samples.push({ name: m[1]!, labels, value: m[3] === '+Inf' ? Infinity : Number(m[3]) });
+  }
+  return { types, samples };
+}
+
+function find(samples: Sample[], name: string, labels: Record<string, string>): Sample[] {
+  return samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v));
+}
+
+function value(samples: Sample[], name: string, labels: Record<string, string>): number {
+  const hits = find(samples, name, labels);
+  expect(hits.length, `${name} ${JSON.stringify(labels)}`).toBe(1);
+  return hits[0]!.value;
+}
+
+const CONTRACT_METRICS: [string, string, string[]][] = [
+  ['detour_sessions', 'gauge', ['volume', 'mode']],
+  ['detour_scsi_commands_total', 'counter', ['volume', 'op', 'status']],
+  ['detour_scsi_command_duration_seconds', 'histogram', ['volume', 'op']],
+  ['detour_backup_phase', 'gauge', ['volume', 'phase']],
+  ['detour_backup_bytes_copied_total', 'counter', ['volume']],
+  ['detour_backup_bytes_total', 'gauge', ['volume']],
+  ['detour_journal_records', 'gauge', ['volume']],
+  ['detour_journal_bytes', 'gauge', ['volume']],
+  ['detour_journal_unreflected_records', 'gauge', ['volume']],
+  ['detour_drain_bytes_total', 'counter', ['volume']],
+  ['detour_cutover_pause_seconds', 'histogram', ['volume']],
+  ['detour_last_backup_success_timestamp_seconds', 'gauge', ['volume']],
+];
+
+const READ_10 = Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+const WRITE_16 = Buffer.alloc(16);
+WRITE_16[0] = 0x8a;
+
+describe('metrics', () => {
+  let metrics: DetourMetrics;
+  let text: string;
+  let parsed: ReturnType<typeof parseExposition>;
+
+  beforeAll(async () => {
+    metrics = createMetrics();
+    metrics.setSessions('vol1', { redirected: 2, capture: 1 });
+    metrics.observeCommand('vol1', READ_10, 0x00, 0.0003);
+    metrics.observeCommand('vol1', READ_10, 0x00, 0.002);
+    metrics.observeCommand('vol1', WRITE_16, 0x02, 0.04);
+    metrics.observeCommand('vol1', 'TEST_UNIT_READY', 'GOOD', 0.00001);
+    metrics.setPhase('vol1', 'copying');
+    metrics.setBytesTotal('vol1', 1 << 30);
+    metrics.addCopied('vol1', 4 << 20);
+    metrics.addCopied('vol1', 4 << 20);
+    metrics.setJournal('vol1', { records: 12, bytes: 49152, unreflected: 3 });
+    metrics.addDrained('vol1', 8192);
+    metrics.observeCutover('vol1', 0.3);
+    metrics.backupSucceeded('vol1', new Date('2026-11-03T12:00:00Z'));
+    text = await metrics.registry.metrics();
+    parsed = parseExposition(text);
+  });
+
+  it('declares every contract metric with its type', () => {
+    for (const [name, type] of CONTRACT_METRICS) {
+      expect(text, name).toContain(`# TYPE ${name} ${type}\n`);
+      expect(parsed.types.get(name)).toBe(type);
+    }
+  });
+
+  it('labels every contract metric exactly as the contract says', () => {
+    for (const [name, type, labels] of CONTRACT_METRICS) {
+      const sampleName = type === 'histogram' ? `${name}_count` : name;
+      const samples = parsed.samples.filter((s) => s.name === sampleName);
+      expect(samples.length, name).toBeGreaterThan(0);
+      for (const s of samples) expect(Object.keys(s.labels).sort(), name).toEqual([...labels].sort());
+    }
+  });
+
+  it('counts SCSI commands by op and status names from the wire package', () => {
+    const s = parsed.samples;
+    expect(value(s, 'detour_scsi_commands_total', { volume: 'vol1', op: 'READ_10', status: 'GOOD' })).toBe(2);
+    expect(value(s, 'detour_scsi_commands_total', { volume: 'vol1', op: 'WRITE_16', status: 'CHECK_CONDITION' })).toBe(1);
+    expect(value(s, 'detour_scsi_commands_total', { volume: 'vol1', op: 'TEST_UNIT_READY', status: 'GOOD' })).toBe(1);
+    expect(value(s, 'detour_scsi_command_duration_seconds_count', { volume: 'vol1', op: 'READ_10' })).toBe(2);
+    expect(value(s, 'detour_scsi_command_duration_seconds_sum', { volume: 'vol1', op: 'READ_10' })).toBeCloseTo(0.0023, 9);
+    // Storage latency buckets: the smallest is 50 µs, the largest finite one 10 s.
+    const buckets = find(s, 'detour_scsi_command_duration_seconds_bucket', { volume: 'vol1', op: 'READ_10' });
+    const bounds = buckets.map((b) => Number(b.labels.le)).filter(Number.isFinite);
+    expect(Math.min(...bounds)).toBe(0.00005);
+    expect(Math.max(...bounds)).toBe(10);
+    expect(value(s, 'detour_scsi_command_duration_seconds_bucket', { volume: 'vol1', op: 'READ_10', le: '0.00025' })).toBe(0);
+    expect(value(s, 'detour_scsi_command_duration_seconds_bucket', { volume: 'vol1', op: 'READ_10', le: '0.0005' })).toBe(1);
+    expect(value(s, 'detour_scsi_command_duration_seconds_bucket', { volume: 'vol1', op: 'READ_10', le: '+Inf' })).toBe(2);
+  });
+
+  it('sets sessions for every mode, 0 for those left out', () => {
+    const s = parsed.samples;
+    expect(value(s, 'detour_sessions', { volume: 'vol1', mode: 'redirected' })).toBe(2);
+    expect(value(s, 'detour_sessions', { volume: 'vol1', mode: 'capture' })).toBe(1);
+    expect(value(s, 'detour_sessions', { volume: 'vol1', mode: 'inline' })).toBe(0);
+  });
+
+  it('sets 1 for the current backup phase and 0 for the four others', () => {
+    const phases = Object.fromEntries(BACKUP_PHASES.map((p) => [p, value(parsed.samples, 'detour_backup_phase', { volume: 'vol1', phase: p })]));
+    expect(phases).toEqual({ switching: 0, copying: 1, draining: 0, cutover: 0, done: 0 });
+  });
+
+  it('records bytes, journal depth, drain, cutover and last success', () => {
+    const s = parsed.samples;
+    expect(value(s, 'detour_backup_bytes_total', { volume: 'vol1' })).toBe(1 << 30);
+    expect(value(s, 'detour_backup_bytes_copied_total', { volume: 'vol1' })).toBe(8 << 20);
+    expect(value(s, 'detour_journal_records', { volume: 'vol1' })).toBe(12);
+    expect(value(s, 'detour_journal_bytes', { volume: 'vol1' })).toBe(49152);
+    expect(value(s, 'detour_journal_unreflected_records', { volume: 'vol1' })).toBe(3);
+    expect(value(s, 'detour_drain_bytes_total', { volume: 'vol1' })).toBe(8192);
+    expect(value(s, 'detour_cutover_pause_seconds_count', { volume: 'vol1' })).toBe(1);
+    expect(value(s, 'detour_cutover_pause_seconds_sum', { volume: 'vol1' })).toBeCloseTo(0.3, 9);
+    expect(value(s, 'detour_last_backup_success_timestamp_seconds', { volume: 'vol1' })).toBe(Date.parse('2026-11-03T12:00:00Z') / 1000);
+  });
+
+  it('includes the default process metrics', () => {
+    expect(parsed.types.get('process_cpu_user_seconds_total')).toBe('counter');
+    expect(parsed.types.get('process_resident_memory_bytes')).toBe('gauge');
+    expect(parsed.types.get('nodejs_eventloop_lag_seconds')).toBe('gauge');
+  });
+
+  it('clears the phase when the backup ends, and ignores nonsense amounts', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.setPhase('v', 'cutover');
+    m.setPhase('v', undefined);
+    m.addCopied('v', 100);
+    m.addCopied('v', -5);
+    m.addCopied('v', Number.NaN);
+    m.observeCutover('v', -1);
+    const s = parseExposition(await m.registry.metrics()).samples;
+    for (const p of BACKUP_PHASES) expect(value(s, 'detour_backup_phase', { volume: 'v', phase: p }), p).toBe(0);
+    expect(value(s, 'detour_backup_bytes_copied_total', { volume: 'v' })).toBe(100);
+    expect(find(s, 'detour_cutover_pause_seconds_count', { volume: 'v' })).toEqual([]);
+  });
+
+  it('publishes zeroes for a new volume and drops every series of a removed one', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('fresh');
+    let s = parseExposition(await m.registry.metrics()).samples;
+    expect(value(s, 'detour_sessions', { volume: 'fresh', mode: 'inline' })).toBe(0);
+    expect(value(s, 'detour_backup_bytes_copied_total', { volume: 'fresh' })).toBe(0);
+    expect(value(s, 'detour_journal_unreflected_records', { volume: 'fresh' })).toBe(0);
+    expect(find(s, 'detour_backup_phase', { volume: 'fresh' }).length).toBe(5);
+
+    m.addVolume('kept');
+    m.observeCommand('fresh', READ_10, 0, 0.001);
+    m.observeCutover('fresh', 0.1);
+    m.backupSucceeded('fresh', 1_700_000_000_000);
+    await m.removeVolume('fresh');
+    s = parseExposition(await m.registry.metrics()).samples;
+    expect(s.filter((x) => x.labels.volume === 'fresh')).toEqual([]);
+    expect(find(s, 'detour_sessions', { volume: 'kept' }).length).toBe(3);
+  });
+});
+
+describe('metrics over HTTP', () => {
+  let server: RunningApiServer;
+  let metrics: DetourMetrics;
+
+  beforeAll(async () => {
+    metrics = createMetrics();
+    server = await startApiServer({ host: '127.0.0.1', port: 0, engine: new FakeEngine(), registry: metrics.registry, logger: recordingLogger().logger });
+  });
+  afterAll(() => server.close());
+
+  it('serves what the helpers recorded on GET /metrics', async () => {
+    metrics.setSessions('vol9', { inline: 4 });
+    metrics.observeCommand('vol9', READ_10, 0x18, 0.5);
+    const res = await fetch(`${server.url}/metrics`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toBe(metrics.registry.contentType);
+    const body = await res.text();
+    expect(body).toContain('# TYPE detour_sessions gauge\n');
+    expect(body).toContain('detour_sessions{volume="vol9",mode="inline"} 4\n');
+    expect(body).toContain('detour_scsi_commands_total{volume="vol9",op="READ_10",status="RESERVATION_CONFLICT"} 1\n');
+    expect(body).toContain('detour_scsi_command_duration_seconds_bucket{le="0.5",volume="vol9",op="READ_10"} 1\n');
+  });
+});
