@@ -10,6 +10,8 @@ import { UsageError } from './cli.ts';
 import { parseCommandArgs } from './args.ts';
 import { ConfigError, loadConfig, type DetourConfig, type VolumeConfig } from './config.ts';
 import { createLogger } from './logger.ts';
+import { isLoopbackHost, startApiServer, type RunningApiServer } from './api-server.ts';
+import { createMetrics, type DetourMetrics } from './metrics.ts';
 
 /** Our own name when we only look at the main target (discovery of its portal group tag). */
 const PROBE_INITIATOR = 'iqn.2026-11.io.detour:probe';
@@ -79,6 +81,30 @@ export async function startProxy(config: DetourConfig, log: Logger, opts: { hook
   };
 }
 
+function metricsHooks(m: DetourMetrics): EngineHooks {
+  return {
+    phase: (v, p) => m.setPhase(v, p),
+    copied: (v, bytes, total) => {
+      m.setBytesTotal(v, total);
+      m.addCopied(v, bytes);
+    },
+    drained: (v, bytes) => m.addDrained(v, bytes),
+    cutover: (v, seconds) => m.observeCutover(v, seconds),
+    succeeded: (v, at) => m.backupSucceeded(v, at),
+  };
+}
+
+/** Session and journal gauges, sampled: they change too often to update per command. */
+export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
+  const running = new Map(proxy.engine.activeRuns().map((r) => [r.volume.name, r]));
+  for (const v of proxy.volumes.values()) {
+    const here = v.frontSessions().length;
+    m.setSessions(v.name, v.capture ? { capture: here } : { inline: here });
+    const j = running.get(v.name)?.journal;
+    if (j) m.setJournal(v.name, { records: j.records, bytes: j.bytes, unreflected: j.unreflected });
+  }
+}
+
 export const serveCommand: Command = async (argv) => {
   const { values, positionals } = parseCommandArgs(argv, { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } });
   if (values.help) {
@@ -97,20 +123,33 @@ export const serveCommand: Command = async (argv) => {
     }
     throw err;
   }
+  if (!config.token && (!isLoopbackHost(config.portal.host) || !isLoopbackHost(config.api.host))) {
+    process.stderr.write(`detour serve: ${config.file}: token: required when the portal or the API listens on a non-loopback address\n`);
+    return 1;
+  }
   const log = createLogger('detour');
+  const metrics = createMetrics();
+  for (const v of config.volumes) metrics.addVolume(v.name);
   let proxy: RunningProxy;
+  let api: RunningApiServer;
   try {
-    proxy = await startProxy(config, log);
+    proxy = await startProxy(config, log, { hooks: metricsHooks(metrics) });
+    api = await startApiServer({ host: config.api.host, port: config.api.port, engine: proxy.engine, registry: metrics.registry, token: config.token, logger: log });
   } catch (err) {
     process.stderr.write(`detour serve: cannot start: ${(err as Error).message}\n`);
     return 1;
   }
-  log.info({ portal: proxy.portal.address, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
+  for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
+  const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
+  gauges.unref();
+  log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
   await new Promise<void>((resolve) => {
     process.once('SIGINT', () => resolve());
     process.once('SIGTERM', () => resolve());
   });
   log.info('shutting down');
+  clearInterval(gauges);
+  await api.close();
   await proxy.close();
   return 0;
 };
