@@ -8,6 +8,7 @@ import {
   LogoutResponseCode,
   Opcode,
   PduFramer,
+  readDataSegmentLength,
   RejectReason,
   RESERVED_TAG,
   snAdd,
@@ -47,6 +48,8 @@ export interface ConnectionHost {
 type State = 'login' | 'full-feature' | 'logged-out' | 'closed';
 
 const CHECK_CONDITION = 0x02;
+/** How long a connection we ended (refused login, logout) waits for the peer's FIN. */
+const LINGER_MS = 2000;
 
 /**
  * One initiator connection to the portal: login, then full feature phase. Everything that
@@ -110,6 +113,9 @@ export class FrontConnection {
   private blocked = false;
 
   private onData(chunk: Buffer): void {
+    // After a refused login or a logout only our FIN is left to go: whatever the peer still
+    // sends is not read, so it cannot pile up in the framer.
+    if (this.state === 'closed' || this.state === 'logged-out') return;
     this.framer.push(chunk);
     this.pump();
   }
@@ -136,7 +142,7 @@ export class FrontConnection {
           this.close();
           return;
         }
-        this.reject(e.kind === 'unknown-opcode' ? RejectReason.CommandNotSupported : RejectReason.InvalidPduField, e.header ?? out.frame.header);
+        this.reject(e.kind === 'unknown-opcode' ? RejectReason.CommandNotSupported : RejectReason.InvalidPduField, out.frame.header);
         continue;
       }
       try {
@@ -229,8 +235,8 @@ export class FrontConnection {
     this.sendRaw(outcome.response);
     if (outcome.response.opcode === Opcode.LoginResponse && outcome.response.statusClass === 0) this.statSN = snAdd(this.statSN, 1);
     if (outcome.close) {
-      this.socket.end();
       this.state = 'closed';
+      this.endGracefully();
       return;
     }
     if (outcome.session) {
@@ -384,9 +390,15 @@ export class FrontConnection {
     this.byTtt.delete(ttt);
   }
 
+  /** The task a Data-Out belongs to: by TTT when it answers an R2T, by ITT when unsolicited. */
+  private taskForDataOut(itt: number, ttt: number): FrontTask | undefined {
+    const task = ttt === RESERVED_TAG ? this.tasks.get(itt) : this.byTtt.get(ttt);
+    return task && task.itt === itt ? task : undefined;
+  }
+
   private onDataOut(pdu: DataOut, header: Buffer): void {
-    const task = pdu.ttt === RESERVED_TAG ? this.tasks.get(pdu.itt) : this.byTtt.get(pdu.ttt);
-    if (!task || task.itt !== pdu.itt) {
+    const task = this.taskForDataOut(pdu.itt, pdu.ttt);
+    if (!task) {
       // Data for a command we ignored, aborted or already failed: drop it quietly.
       this.log.debug({ itt: pdu.itt, ttt: pdu.ttt }, 'Data-Out for no active task');
       return;
@@ -404,16 +416,38 @@ export class FrontConnection {
   private onDataDigestError(err: WireError): void {
     const h = err.header;
     this.log.warn({ itt: h?.readUInt32BE(16) }, 'data digest error');
-    if (h) this.reject(RejectReason.DataDigestError, h);
-    // ERL 0 cannot ask for the data again: the command it belonged to fails.
-    if (h && (h[0]! & 0x3f) === Opcode.DataOut) {
-      const task = this.tasks.get(h.readUInt32BE(16));
-      task?.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ABORTED_COMMAND, ...Asc.PROTOCOL_SERVICE_CRC_ERROR }));
+    if (!h) return;
+    // RFC 7143 7.8: the PDU is discarded and answered with a Reject. For a non-data PDU that is
+    // all; the initiator may send it again.
+    this.reject(RejectReason.DataDigestError, h);
+    if ((h[0]! & 0x3f) !== Opcode.DataOut) return;
+    const task = this.taskForDataOut(h.readUInt32BE(16), h.readUInt32BE(20));
+    if (!task || task.executing || task.finished) return;
+    // ERL 0 cannot ask for the data again (no recovery R2T), so the command fails with "protocol
+    // service CRC error", but only once all of its data has arrived (7.8 option b): the initiator
+    // is still sending the rest. The header passed its own digest, so its offset, length and F
+    // bit still count; the payload is replaced by zeros, as the command will never run.
+    task.corrupt = true;
+    let standIn: Pdu | undefined;
+    try {
+      standIn = decodePdu(h, Buffer.alloc(readDataSegmentLength(h)));
+    } catch {
+      standIn = undefined;
     }
+    if (standIn?.opcode !== Opcode.DataOut || task.acceptData(standIn) !== undefined) {
+      // Not even the header fits the sequence: no point waiting for more.
+      task.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ABORTED_COMMAND, ...Asc.PROTOCOL_SERVICE_CRC_ERROR }));
+      return;
+    }
+    this.maybeExecute(task);
   }
 
   private maybeExecute(task: FrontTask): void {
     if (!task.delivered || !task.dataComplete || task.executing || task.finished) return;
+    if (task.corrupt) {
+      task.failEarly(CHECK_CONDITION, buildSense({ key: SenseKey.ABORTED_COMMAND, ...Asc.PROTOCOL_SERVICE_CRC_ERROR }));
+      return;
+    }
     task.executing = true;
     const device = this.session!.target!.device;
     const started = process.hrtime.bigint();
@@ -604,7 +638,7 @@ export class FrontConnection {
         if (response === LogoutResponseCode.Success) {
           this.state = 'logged-out';
           this.log.info({ reason: pdu.reasonCode }, 'logout');
-          this.socket.end();
+          this.endGracefully();
         }
       };
       if (response !== LogoutResponseCode.Success) return finish();
@@ -626,10 +660,11 @@ export class FrontConnection {
   // ------------------------------------------------------------------------------------------
   // send path and teardown
 
+  /** `header` is the rejected PDU's complete header, AHS included, which RFC 7143 11.17 echoes. */
   reject(reason: number, header: Buffer): void {
     this.send({
       opcode: Opcode.Reject, itt: RESERVED_TAG, reason, statSN: this.takeStatSN(), expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
-      dataSN: 0, data: Buffer.from(header.subarray(0, 48)),
+      dataSN: 0, data: Buffer.from(header.subarray(0, this.params?.maxSendDataSegmentLength ?? 8192)),
     });
   }
 
@@ -650,9 +685,21 @@ export class FrontConnection {
   }
 
   close(): void {
-    if (this.state === 'closed') return;
     this.state = 'closed';
-    this.socket.destroy();
+    // Also after a graceful end: then the peer has had its chance to close its side.
+    if (!this.socket.destroyed) this.socket.destroy();
+  }
+
+  /**
+   * Flushes what is queued and sends FIN. A peer that ignores it and keeps its side open would
+   * hold the socket forever, so it is dropped after a grace period long enough for any initiator
+   * to read the last response.
+   */
+  private endGracefully(): void {
+    this.socket.end();
+    const linger = setTimeout(() => this.close(), LINGER_MS);
+    linger.unref();
+    this.socket.once('close', () => clearTimeout(linger));
   }
 
   private onClose(): void {

@@ -36,6 +36,11 @@ export class FrontTask {
   private readonly r2ts = new Map<number, R2TSequence>();
   readonly controller = new AbortController();
   delivered = false;
+  /**
+   * A Data-Out of this command was discarded for a data digest error: it will fail instead of
+   * running, once the initiator has sent everything it was asked for.
+   */
+  corrupt = false;
   executing = false;
   finished = false;
   aborted = false;
@@ -69,6 +74,9 @@ export class FrontTask {
   private unsolicitedFinal = true;
 
   get dataComplete(): boolean {
+    // A corrupt command waits only for the sequences already open: the unsolicited burst and
+    // the R2Ts in flight, each ended by its F bit.
+    if (this.corrupt) return !this.unsolicitedOpen && this.r2ts.size === 0;
     return !this.write || this.received >= this.expectedDataTransferLength;
   }
 
@@ -139,6 +147,7 @@ export class FrontTask {
 
   /** Keeps up to MaxOutstandingR2T R2Ts of at most MaxBurstLength in flight. */
   private solicit(): void {
+    if (this.corrupt) return; // no point asking for data of a command that will fail
     const p = this.conn.params!;
     const edtl = this.expectedDataTransferLength;
     while (this.solicitNext < edtl && this.r2ts.size < p.maxOutstandingR2T) {
