@@ -32,6 +32,10 @@ const commands: Record<string, { summary: string; load: () => Promise<Command> }
     summary: 'restore ID --to-file PATH [--store DIR | --config FILE]   write a backup\'s raw image to a file',
     load: async () => (await import('./restore-command.ts')).restoreCommand,
   },
+  'target-ctl': {
+    summary: 'target-ctl --socket PATH redirect-on HOST PORT | redirect-off | list | kick [SID [CID]]   control an embedded target',
+    load: async () => (await import('./target-control.ts')).targetCtlCommand,
+  },
   start: {
     summary: 'start                       run detour on embedded defaults (npm start)',
     load: async () => (await import('./start.ts')).startCommand,

@@ -105,6 +105,41 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
   }
 }
 
+export interface RunningServer {
+  proxy: RunningProxy;
+  api: RunningApiServer;
+  metrics: DetourMetrics;
+  close(): Promise<void>;
+}
+
+/** The proxy, its API and its metrics: what `serve` and `start` run. */
+export async function startServer(config: DetourConfig, log: Logger): Promise<RunningServer> {
+  const metrics = createMetrics();
+  for (const v of config.volumes) metrics.addVolume(v.name);
+  const proxy = await startProxy(config, log, { hooks: metricsHooks(metrics) });
+  let api: RunningApiServer;
+  try {
+    api = await startApiServer({ host: config.api.host, port: config.api.port, engine: proxy.engine, registry: metrics.registry, token: config.token, logger: log });
+  } catch (err) {
+    await proxy.close();
+    throw err;
+  }
+  for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
+  const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
+  gauges.unref();
+  log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
+  return {
+    proxy,
+    api,
+    metrics,
+    async close() {
+      clearInterval(gauges);
+      await api.close();
+      await proxy.close();
+    },
+  };
+}
+
 export const serveCommand: Command = async (argv) => {
   const { values, positionals } = parseCommandArgs(argv, { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } });
   if (values.help) {
@@ -128,28 +163,18 @@ export const serveCommand: Command = async (argv) => {
     return 1;
   }
   const log = createLogger('detour');
-  const metrics = createMetrics();
-  for (const v of config.volumes) metrics.addVolume(v.name);
-  let proxy: RunningProxy;
-  let api: RunningApiServer;
+  let server: RunningServer;
   try {
-    proxy = await startProxy(config, log, { hooks: metricsHooks(metrics) });
-    api = await startApiServer({ host: config.api.host, port: config.api.port, engine: proxy.engine, registry: metrics.registry, token: config.token, logger: log });
+    server = await startServer(config, log);
   } catch (err) {
     process.stderr.write(`detour serve: cannot start: ${(err as Error).message}\n`);
     return 1;
   }
-  for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
-  const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
-  gauges.unref();
-  log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
   await new Promise<void>((resolve) => {
     process.once('SIGINT', () => resolve());
     process.once('SIGTERM', () => resolve());
   });
   log.info('shutting down');
-  clearInterval(gauges);
-  await api.close();
-  await proxy.close();
+  await server.close();
   return 0;
 };

@@ -6,8 +6,9 @@ import { parseCommandArgs, parseHostPort, parseSize } from './args.ts';
 import { createLogger } from './logger.ts';
 import { EmbeddedTarget } from '../scsi/embedded-target.ts';
 import { Portal } from '../front/portal.ts';
+import { TargetControlServer } from './target-control.ts';
 
-export const TARGET_USAGE = 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN] [--lun 0] [--block-size 512]';
+export const TARGET_USAGE = 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN] [--lun 0] [--block-size 512] [--control-socket PATH]';
 
 /** An IQN derived from the image name, so the same image keeps the same target name. */
 export function defaultIqn(file: string): string {
@@ -29,6 +30,7 @@ export const targetCommand: Command = async (argv) => {
     iqn: { type: 'string' },
     lun: { type: 'string', default: '0' },
     'block-size': { type: 'string', default: '512' },
+    'control-socket': { type: 'string' },
     help: { type: 'boolean', short: 'h' },
   });
   if (values.help) {
@@ -54,12 +56,9 @@ export const targetCommand: Command = async (argv) => {
   const log = createLogger('detour-target');
   const device = new EmbeddedTarget({ targetName: iqn, luns: [{ lun, file, size, blockSize }] });
   await device.open();
-  const portal = new Portal({
-    host: listen.host,
-    port: listen.port,
-    logger: log,
-    targets: [{ name: iqn, portalGroupTag: 1, device }],
-  });
+  const target = { name: iqn, portalGroupTag: 1, device };
+  const portal = new Portal({ host: listen.host, port: listen.port, logger: log, targets: [target] });
+  const control = values['control-socket'] ? new TargetControlServer(portal, target) : undefined;
   try {
     await portal.listen();
   } catch (err) {
@@ -67,6 +66,7 @@ export const targetCommand: Command = async (argv) => {
     process.stderr.write(`detour target: cannot listen on ${values.listen}: ${(err as Error).message}\n`);
     return 1;
   }
+  if (control) await control.listen(path.resolve(values['control-socket']!));
   log.info({ target: iqn, file, lun, portal: portal.address }, 'embedded target ready');
   await new Promise<void>((resolve) => {
     const stop = (signal: string) => {
@@ -76,6 +76,7 @@ export const targetCommand: Command = async (argv) => {
     process.once('SIGINT', () => stop('SIGINT'));
     process.once('SIGTERM', () => stop('SIGTERM'));
   });
+  await control?.close();
   await portal.close();
   await device.close();
   return 0;
