@@ -9,6 +9,7 @@ import { CaptureDevice } from './capture-device.ts';
 import { Journal } from './journal.ts';
 import { SnapshotMap } from './snapshot-map.ts';
 import type { Volume } from './volume.ts';
+import type { MainSession } from '../switch/main-control.ts';
 
 /** detour's own InitiatorName for the sessions it opens itself (copy, base reads, drain). */
 export const DETOUR_INITIATOR = 'iqn.2026-11.io.detour:engine';
@@ -253,17 +254,29 @@ export class BackupRun {
     v.accepting = true;
     v.capture = device;
     const topology = v.config.topology;
-    let expected: string[] = [];
+    const expected = new Set<string>();
     if (topology !== 'inline') {
-      expected = [...new Set((await v.control.listSessions()).map((s) => s.initiator).filter((i) => i !== DETOUR_INITIATOR))];
       if (topology === 'main-directed') await v.control.redirectOn({ host: v.localAddress, port: v.portal!.port });
-      await v.control.kick();
       const deadline = Date.now() + (this.opts.switchTimeoutMs ?? 20_000);
+      // An adapter that cannot list sessions is told to drop every connection of the target.
+      if ((await v.control.listSessions()).length === 0) await v.control.kick();
       for (;;) {
+        // The freeze needs main to have no initiator session left: one that logged in there late
+        // (a login already under way when the redirect was set, or one that followed an old
+        // redirect to main) would write past the freeze, and the drain would then overwrite its
+        // acknowledged writes. So main is listed again on every pass, not only once.
+        const stray = (await v.control.listSessions()).filter((s) => !this.isDetourOwnSession(s));
+        for (const s of stray) expected.add(s.initiator);
         const here = new Set(v.frontSessions().map((s) => s.initiatorName));
-        const missing = expected.filter((i) => !here.has(i));
-        if (missing.length === 0) break;
-        if (Date.now() > deadline) throw new Error(`switch-in timed out: ${missing.join(', ')} did not log in to detour`);
+        const missing = [...expected].filter((i) => !here.has(i));
+        if (stray.length === 0 && missing.length === 0) break;
+        if (Date.now() > deadline) {
+          const why = missing.length ? `${missing.join(', ')} did not log in to detour` : `${[...new Set(stray.map((s) => s.initiator))].join(', ')} still on the main target`;
+          throw new Error(`switch-in timed out: ${why}`);
+        }
+        // Only the initiators' connections are dropped: detour's own session to main (freeze, copy,
+        // base reads, drain) stays up.
+        for (const s of stray) await v.control.kick(s);
         this.checkCancelled();
         await sleep(100);
       }
@@ -272,8 +285,16 @@ export class BackupRun {
     await v.forwardIdle();
     await commandGood(this.engineSession!, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE at the freeze');
     this.freezeSeq = journal.lastSeq;
-    this.log.info({ backupId: this.id, phase: 'switching', freezeSeq: this.freezeSeq, initiators: expected }, 'volume frozen');
+    this.log.info({ backupId: this.id, phase: 'switching', freezeSeq: this.freezeSeq, initiators: [...expected] }, 'volume frozen');
     v.gate.open();
+  }
+
+  /**
+   * detour's own sessions on the main target: the engine's, and the backend sessions it opens in
+   * the initiators' names, which come from detour's portal address.
+   */
+  private isDetourOwnSession(s: MainSession): boolean {
+    return s.initiator === DETOUR_INITIATOR || (s.address !== undefined && s.address === this.volume.localAddress);
   }
 
   // ---- copy ---------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ export class Engine implements DetourEngine {
       store: this.store,
       logger: this.opts.logger,
       ...this.opts.run,
+      ...(v.config.copyRateLimit !== undefined ? { copyRateLimit: v.config.copyRateLimit } : {}),
       hooks: {
         phase: (r, p) => hooks?.phase?.(r.volume.name, p),
         copied: (r, b) => hooks?.copied?.(r.volume.name, b, r.bytesTotal),

@@ -83,6 +83,16 @@ const control = z.discriminatedUnion('type', [
   z.object({ type: z.literal('none') }).strict(),
 ]);
 
+/** A byte count with an optional K/M/G/T suffix (powers of 1024): "50M", "1G", or a plain number. */
+const byteSize = z.union([z.string(), z.number()]).transform((v, ctx) => {
+  const n = parseSizeValue(v);
+  if (n === undefined || n === 0) {
+    ctx.addIssue({ code: 'custom', message: `'${v}' is not a size (examples: 50M, 1G, 1048576)` });
+    return z.NEVER;
+  }
+  return n;
+});
+
 const volume = z
   .object({
     name: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/, 'must be 1-63 letters, digits, dot, dash or underscore'),
@@ -91,6 +101,9 @@ const volume = z
     topology: z.enum(['inline', 'proxy-directed', 'main-directed']),
     control: control.default({ type: 'none' }),
     ioTimeoutBudget: duration.default(5000),
+    // Bytes per second the backup copy may read from the main target ("50M" = 50 MiB/s), so a
+    // backup does not starve the main target's other users. Unlimited when absent.
+    copyRateLimit: byteSize.optional(),
   })
   .strict();
 

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import { InitiatorSession, parseTargetAddress } from '../back/index.ts';
 import { Portal } from '../front/portal.ts';
-import type { BackupRunOptions } from '../capture/backup-run.ts';
+import type { BackupRun, BackupRunOptions } from '../capture/backup-run.ts';
 import { Engine, type EngineHooks } from '../capture/engine.ts';
 import { Volume } from '../capture/volume.ts';
 import { ExecControl, NoControl, TgtControl, type MainTargetControl } from '../switch/main-control.ts';
@@ -105,6 +105,26 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
   }
 }
 
+/**
+ * A backup in progress holds acknowledged writes that are only in its journal, and its initiators
+ * are on detour (for main-directed, the main target still redirects them here). Closing without a
+ * word would strand them: cancel the backups, which drains every journal to the main target and
+ * hands the sessions back, and wait for that.
+ */
+export async function cancelRunningBackups(proxy: RunningProxy, log: Logger): Promise<void> {
+  const told = new Set<BackupRun>();
+  for (let runs = proxy.engine.activeRuns(); runs.length > 0; runs = proxy.engine.activeRuns()) {
+    const fresh = runs.filter((r) => !told.has(r));
+    if (fresh.length) log.info({ backups: fresh.map((r) => r.id) }, 'cancelling backups in progress: draining their journals and handing the sessions back');
+    for (const r of fresh) {
+      told.add(r);
+      r.cancel();
+    }
+    // A run still preparing has no `done` of its own yet: look again shortly.
+    await Promise.race([Promise.allSettled(runs.map((r) => r.done)), new Promise((resolve) => setTimeout(resolve, 200))]);
+  }
+}
+
 export interface RunningServer {
   proxy: RunningProxy;
   api: RunningApiServer;
@@ -134,6 +154,7 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
     metrics,
     async close() {
       clearInterval(gauges);
+      await cancelRunningBackups(proxy, log);
       await api.close();
       await proxy.close();
     },
@@ -175,6 +196,13 @@ export const serveCommand: Command = async (argv) => {
     process.once('SIGTERM', () => resolve());
   });
   log.info('shutting down');
+  // A second signal stops at once; the journals of unfinished backups stay in the data directory.
+  const force = () => {
+    log.warn('second signal: stopping now; journals of unfinished backups stay in the data directory');
+    process.exit(1);
+  };
+  process.once('SIGINT', force);
+  process.once('SIGTERM', force);
   await server.close();
   return 0;
 };
