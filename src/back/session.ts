@@ -821,6 +821,7 @@ export class InitiatorSession extends EventEmitter {
       { headerDigest: result.params.headerDigest === 'CRC32C', dataDigest: result.params.dataDigest === 'CRC32C' },
       result.params.maxRecvDataSegmentLength,
       (pdu) => this.onPdu(conn, pdu),
+      (header, length) => this.dataInDestination(header, length),
     );
     this.log.info(
       { portal: formatPortal(est.portal), tsih: result.tsih, headerDigest: result.params.headerDigest, dataDigest: result.params.dataDigest },
@@ -1188,6 +1189,31 @@ export class InitiatorSession extends EventEmitter {
     return t instanceof ScsiTask && t.sent && !t.done ? t : undefined;
   }
 
+  /**
+   * The receive path asks, from a Data-In header, where its payload goes: straight into the
+   * read's buffer, so it is never copied again. Only for the PDU onDataIn will accept as the next
+   * one; anything unexpected gets a buffer of its own and onDataIn reports it.
+   */
+  private dataInDestination(header: Buffer, length: number): Buffer | undefined {
+    if ((header[0]! & 0x3f) !== Opcode.DataIn) return undefined;
+    const t = this.scsiTaskFor(header.readUInt32BE(16));
+    if (!t) return undefined;
+    const offset = header.readUInt32BE(40);
+    if (offset !== t.dataInFilled || offset + length > t.dataInLength) return undefined;
+    if (t.dataIn === undefined) {
+      const statusPresent = (header[1]! & 0x01) !== 0;
+      // The whole read in one PDU (or its last one): exactly the bytes that come, even when the
+      // initiator's buffer is larger. Otherwise the full buffer, filled PDU by PDU.
+      if (offset === 0 && (length === t.dataInLength || statusPresent)) {
+        t.dataIn = Buffer.allocUnsafe(length);
+        return t.dataIn;
+      }
+      t.dataIn = Buffer.allocUnsafe(t.dataInLength);
+    }
+    if (offset + length > t.dataIn.length) return undefined;
+    return t.dataIn.subarray(offset, offset + length);
+  }
+
   private onDataIn(conn: InitiatorConnection, pdu: DataIn): void {
     const t = this.scsiTaskFor(pdu.itt);
     if (!t) {
@@ -1212,7 +1238,8 @@ export class InitiatorSession extends EventEmitter {
           t.dataIn = Buffer.allocUnsafe(t.dataInLength);
           data.copy(t.dataIn, pdu.bufferOffset);
         }
-      } else {
+      } else if (data.buffer !== t.dataIn.buffer || data.byteOffset !== t.dataIn.byteOffset + pdu.bufferOffset) {
+        // Not received in place (see dataInDestination).
         data.copy(t.dataIn, pdu.bufferOffset);
       }
       t.dataInFilled = end;

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import { buildSense, Asc, SenseKey } from 'iscsi-node-wire';
-import { InitiatorSession, LoginError, type InitiatorOptions } from '../back/index.ts';
+import { InitiatorSession, LoginError, type InitiatorOptions, type ScsiResult } from '../back/index.ts';
 import { TmfResult, type ItNexus, type ScsiOutcome, type ScsiTargetDevice, type ScsiTask } from '../scsi/task.ts';
 
 const CHECK_CONDITION = 0x02;
@@ -85,26 +85,21 @@ export class InlineDevice implements ScsiTargetDevice {
     }
   }
 
-  async execute(task: ScsiTask): Promise<ScsiOutcome> {
+  // Not an async function: on the data path every command costs one promise less this way.
+  execute(task: ScsiTask): Promise<ScsiOutcome> {
     const s = this.backends.get(this.key(task.nexus));
     if (!s) {
-      return { status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.NOT_READY, ...Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE }) };
+      return Promise.resolve({ status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.NOT_READY, ...Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE }) });
     }
-    const r = await s.command(task.lun, task.cdb, {
-      dataOut: task.dataOut.length > 0 ? task.dataOut : undefined,
-      dataInLength: task.dataInLength,
-      attr: task.attr,
-      signal: task.signal,
-      direction: { read: task.read, write: task.write },
-    });
-    return {
-      status: r.status,
-      sense: r.sense,
-      dataIn: r.data,
-      response: r.response,
-      // The main target's residual is the truth, including overflow beyond the initiator's buffer.
-      residual: r.residual ?? { overflow: false, underflow: false, count: 0 },
-    };
+    return s
+      .command(task.lun, task.cdb, {
+        dataOut: task.dataOut.length > 0 ? task.dataOut : undefined,
+        dataInLength: task.dataInLength,
+        attr: task.attr,
+        signal: task.signal,
+        direction: { read: task.read, write: task.write },
+      })
+      .then(toOutcome);
   }
 
   async reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {
@@ -119,4 +114,15 @@ export class InlineDevice implements ScsiTargetDevice {
     await Promise.allSettled([...this.backends.values()].map((s) => s.logout()));
     this.backends.clear();
   }
+}
+
+function toOutcome(r: ScsiResult): ScsiOutcome {
+  return {
+    status: r.status,
+    sense: r.sense,
+    dataIn: r.data,
+    response: r.response,
+    // The main target's residual is the truth, including overflow beyond the initiator's buffer.
+    residual: r.residual ?? { overflow: false, underflow: false, count: 0 },
+  };
 }
