@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { formatPortal } from '../back/index.ts';
 import type { FrontTarget } from '../front/types.ts';
 import type { Portal } from '../front/portal.ts';
 import { InlineDevice } from '../proxy/inline-device.ts';
@@ -13,9 +14,6 @@ export interface CommandObserver {
   (volume: string, task: ScsiTask, outcome: ScsiOutcome | undefined, seconds: number): void;
 }
 
-function fmt(hp: { host: string; port: number }): string {
-  return hp.host.includes(':') ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`;
-}
 
 /**
  * One configured volume at run time: the target detour presents for it, where its commands go
@@ -42,7 +40,7 @@ export class Volume implements ScsiTargetDevice {
     portalGroupTag: number,
     private readonly log: Logger,
   ) {
-    this.forwarder = new InlineDevice({ volume: config.name, targetName: config.target, main: fmt(config.main), localAddress, logger: log });
+    this.forwarder = new InlineDevice({ volume: config.name, targetName: config.target, main: formatPortal(config.main), localAddress, logger: log });
     this.target = {
       name: config.target,
       portalGroupTag,
@@ -50,7 +48,7 @@ export class Volume implements ScsiTargetDevice {
       redirect: () => {
         // Outside a backup, the redirecting topologies keep detour out of the data path.
         if (config.topology === 'inline' || this.accepting) return undefined;
-        return { address: `${fmt(config.main)},${portalGroupTag}` };
+        return { address: `${formatPortal(config.main)},${portalGroupTag}` };
       },
     };
   }
@@ -60,7 +58,7 @@ export class Volume implements ScsiTargetDevice {
   }
 
   get mainPortal(): string {
-    return fmt(this.config.main);
+    return formatPortal(this.config.main);
   }
 
   /** Sessions logged in to detour for this volume. */

@@ -1,5 +1,6 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { UsageError } from './cli.ts';
+import { parseSizeValue } from './config.ts';
 
 /** node:util parseArgs, with its errors turned into usage errors (exit 2, no stack trace). */
 export function parseCommandArgs<T extends ParseArgsConfig['options']>(argv: string[], options: T, allowPositionals = true) {
@@ -10,15 +11,12 @@ export function parseCommandArgs<T extends ParseArgsConfig['options']>(argv: str
   }
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
-
 /** "1G", "512M", "4096": binary units, as storage administrators write them. */
 export function parseSize(text: string, what = 'size'): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i.exec(text.trim());
-  if (!m) throw new UsageError(`${what}: '${text}' is not a size (examples: 1G, 512M, 1048576)`);
-  const n = Number(m[1]) * SIZE_UNITS[m[2]!.toLowerCase()]!;
-  if (!Number.isSafeInteger(Math.round(n)) || n <= 0) throw new UsageError(`${what}: '${text}' is out of range`);
-  return Math.round(n);
+  const n = parseSizeValue(text);
+  if (n === undefined) throw new UsageError(`${what}: '${text}' is not a size (examples: 1G, 512M, 1048576)`);
+  if (n <= 0) throw new UsageError(`${what}: '${text}' is out of range`);
+  return n;
 }
 
 /** "host:port" or "[v6]:port". */

@@ -1,5 +1,5 @@
 import type { Logger } from 'pino';
-import { InitiatorSession, parseTargetAddress } from '../back/index.ts';
+import { formatPortal, InitiatorSession, parseTargetAddress } from '../back/index.ts';
 import { Portal } from '../front/portal.ts';
 import type { BackupRun, BackupRunOptions } from '../capture/backup-run.ts';
 import { Engine, type EngineHooks } from '../capture/engine.ts';
@@ -16,9 +16,6 @@ import { createMetrics, type DetourMetrics } from './metrics.ts';
 /** Our own name when we only look at the main target (discovery of its portal group tag). */
 const PROBE_INITIATOR = 'iqn.2026-11.io.detour:probe';
 
-function fmt(hp: { host: string; port: number }): string {
-  return hp.host.includes(':') ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`;
-}
 
 /**
  * The main target's portal group tag for this volume, so detour presents the same
@@ -26,7 +23,7 @@ function fmt(hp: { host: string; port: number }): string {
  */
 async function mainPortalGroupTag(v: VolumeConfig, localAddress: string, log: Logger): Promise<number> {
   try {
-    const found = await InitiatorSession.discover(fmt(v.main), PROBE_INITIATOR, { localAddress, loginTimeoutMs: 5000 });
+    const found = await InitiatorSession.discover(formatPortal(v.main), PROBE_INITIATOR, { localAddress, loginTimeoutMs: 5000 });
     const t = found.find((x) => x.targetName === v.target);
     const tag = t?.addresses.map((a) => parseTargetAddress(a).tpgt).find((x) => x !== undefined);
     if (tag !== undefined) return tag;
