@@ -465,7 +465,10 @@ export class FrontConnection {
 
   /** Sends a task's data and status, with the residuals RFC 7143 11.4.5 describes. */
   complete(task: FrontTask, outcome: ScsiOutcome): void {
-    if (task.finished) return;
+    if (task.finished || task.aborted || this.state !== 'full-feature') {
+      outcome.release?.();
+      if (task.finished) return;
+    }
     task.finish();
     this.tasks.delete(task.itt);
     if (task.aborted || this.state !== 'full-feature') return;
@@ -504,7 +507,8 @@ export class FrontConnection {
     }
     const sense = outcome.sense;
     const statusInData = !!dataIn && dataIn.length > 0 && outcome.status === 0 && !sense && (outcome.response ?? 0) === 0;
-    if (dataIn && dataIn.length > 0) this.sendDataIn(task, dataIn, statusInData ? { overflow, underflow, residual } : undefined);
+    if (dataIn && dataIn.length > 0) this.sendDataIn(task, dataIn, statusInData ? { overflow, underflow, residual } : undefined, outcome.release);
+    else outcome.release?.();
     if (!statusInData) {
       this.send({
         opcode: Opcode.ScsiResponse, itt: task.itt,
@@ -515,10 +519,10 @@ export class FrontConnection {
         data: sense && sense.length > 0 ? wrapIscsiSense(sense) : undefined,
       });
     }
-    task.outcome = outcome;
   }
 
-  private sendDataIn(task: FrontTask, data: Buffer, status: { overflow: boolean; underflow: boolean; residual: number } | undefined): void {
+  /** `sent` runs once the kernel has every byte of `data` (or the connection is gone). */
+  private sendDataIn(task: FrontTask, data: Buffer, status: { overflow: boolean; underflow: boolean; residual: number } | undefined, sent?: () => void): void {
     const p = this.params!;
     const seg = p.maxSendDataSegmentLength;
     const burst = p.maxBurstLength;
@@ -536,7 +540,7 @@ export class FrontConnection {
         statSN: withStatus ? this.takeStatSN() : 0, expCmdSN: this.expCmdSN, maxCmdSN: this.maxCmdSN,
         dataSN: task.dataSN++, bufferOffset: off, residualCount: withStatus ? status.residual : 0,
         data: data.subarray(off, end),
-      });
+      }, last ? sent : undefined);
       off = end;
     }
   }
@@ -668,23 +672,45 @@ export class FrontConnection {
     });
   }
 
-  send(p: PduInit): void {
-    if (this.state === 'closed' || this.socket.destroyed) return;
-    this.sendRaw(p);
-  }
-
-  private sendRaw(p: PduInit): void {
-    const parts = encodePdu(p, this.digests);
-    if (parts.length === 1) {
-      this.socket.write(parts[0]!);
+  /** `written` runs once the PDU is with the kernel, or with an error once it never will be. */
+  send(p: PduInit, written?: () => void): void {
+    if (this.state === 'closed' || this.socket.destroyed) {
+      written?.();
       return;
     }
-    this.socket.cork();
-    for (const b of parts) this.socket.write(b);
+    this.sendRaw(p, written);
+  }
+
+  private corked = false;
+
+  /**
+   * Everything sent in one tick leaves in one writev: the responses to a batch of commands that
+   * arrived together, each Data-In header with its payload (passed by reference, not copied).
+   * One system call per response was the target's largest fixed cost at small block sizes.
+   */
+  private sendRaw(p: PduInit, written?: () => void): void {
+    const parts = encodePdu(p, this.digests);
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => this.flush());
+    }
+    const last = parts.length - 1;
+    for (let i = 0; i < last; i++) this.socket.write(parts[i]!);
+    // Called on success and on error alike: either way the socket is done with the payload.
+    if (written) this.socket.write(parts[last]!, () => written());
+    else this.socket.write(parts[last]!);
+  }
+
+  private flush(): void {
+    if (!this.corked) return;
+    this.corked = false;
     this.socket.uncork();
   }
 
   close(): void {
+    // What was sent before closing goes out first, as it did before writes were batched.
+    this.flush();
     this.state = 'closed';
     // Also after a graceful end: then the peer has had its chance to close its side.
     if (!this.socket.destroyed) this.socket.destroy();
@@ -696,6 +722,7 @@ export class FrontConnection {
    * to read the last response.
    */
   private endGracefully(): void {
+    this.flush();
     this.socket.end();
     const linger = setTimeout(() => this.close(), LINGER_MS);
     linger.unref();

@@ -1,5 +1,5 @@
 import { RESERVED_TAG, type DataOut, type ScsiCommand } from 'iscsi-node-wire';
-import type { ItNexus, ScsiOutcome, ScsiTask } from '../scsi/task.ts';
+import type { ItNexus, ScsiTask } from '../scsi/task.ts';
 import type { FrontConnection } from './connection.ts';
 
 interface R2TSequence {
@@ -16,7 +16,9 @@ interface R2TSequence {
  * unsolicited, then solicited by R2T within MaxBurstLength/MaxOutstandingR2T) and records what
  * the response needs (DataSN, R2TSN, residual inputs).
  */
-export class FrontTask {
+const NO_DATA = Buffer.alloc(0);
+
+export class FrontTask implements ScsiTask {
   readonly itt: number;
   readonly lun: number;
   readonly cdb: Buffer;
@@ -34,7 +36,11 @@ export class FrontTask {
   private unsolicitedExpDataSN = 0;
   private solicitNext = 0;
   private readonly r2ts = new Map<number, R2TSequence>();
-  readonly controller = new AbortController();
+  /** Created only if an executor asks for `signal`: most never do, and it is not free. */
+  private controller: AbortController | undefined;
+  nexus!: ItNexus;
+  dataOut: Buffer = NO_DATA;
+  onAbort?: () => void;
   delivered = false;
   /**
    * A Data-Out of this command was discarded for a data digest error: it will fail instead of
@@ -47,7 +53,6 @@ export class FrontTask {
   dataSN = 0;
   r2tSN = 0;
   done: Promise<void> = Promise.resolve();
-  outcome: ScsiOutcome | undefined;
   elapsedNs = 0n;
 
   constructor(
@@ -160,19 +165,19 @@ export class FrontTask {
     }
   }
 
+  get signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.aborted) this.controller.abort();
+    }
+    return this.controller.signal;
+  }
+
+  /** The task as its executor sees it: this object, with its gathered Data-Out in place. */
   toScsiTask(nexus: ItNexus): ScsiTask {
-    return {
-      nexus,
-      lun: this.lun,
-      cdb: this.cdb,
-      attr: this.attr,
-      itt: this.itt,
-      read: this.read,
-      write: this.write,
-      dataOut: this.buffer ? this.buffer.subarray(0, this.received) : Buffer.alloc(0),
-      dataInLength: this.dataInLength,
-      signal: this.controller.signal,
-    };
+    this.nexus = nexus;
+    this.dataOut = this.buffer ? this.buffer.subarray(0, this.received) : NO_DATA;
+    return this;
   }
 
   /** Ends the task with a status before (or instead of) running it. */
@@ -190,7 +195,10 @@ export class FrontTask {
   abort(): void {
     if (this.aborted) return;
     this.aborted = true;
-    this.controller.abort();
+    this.controller?.abort();
+    const hook = this.onAbort;
+    this.onAbort = undefined;
+    hook?.();
     this.finish();
   }
 

@@ -1,9 +1,11 @@
 import type { Logger } from 'pino';
 import { buildSense, Asc, SenseKey } from 'iscsi-node-wire';
 import { InitiatorSession, LoginError, type InitiatorOptions, type ScsiResult } from '../back/index.ts';
+import { BufferPool, dataBuffers } from '../scsi/buffer-pool.ts';
 import { TmfResult, type ItNexus, type ScsiOutcome, type ScsiTargetDevice, type ScsiTask } from '../scsi/task.ts';
 
 const CHECK_CONDITION = 0x02;
+const TASK_ABORTED = 0x40;
 
 export interface InlineDeviceOptions {
   /** Volume name, for logs and metrics. */
@@ -91,15 +93,31 @@ export class InlineDevice implements ScsiTargetDevice {
     if (!s) {
       return Promise.resolve({ status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.NOT_READY, ...Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE }) });
     }
+    // Aborted while held (at the gate during a switch): it must not reach the main target.
+    if (task.aborted) return Promise.resolve({ status: TASK_ABORTED });
+    // Large reads land in a pooled buffer, which the transport gives back once it has sent the
+    // data. A command that rejects keeps its buffer out of the pool: Data-In may have been
+    // arriving into it when it was aborted.
+    const pooled = BufferPool.pooled(task.dataInLength) ? dataBuffers.take(task.dataInLength) : undefined;
     return s
       .command(task.lun, task.cdb, {
         dataOut: task.dataOut.length > 0 ? task.dataOut : undefined,
         dataInLength: task.dataInLength,
+        dataInBuffer: pooled,
         attr: task.attr,
-        signal: task.signal,
+        onItt: (itt) => {
+          task.onAbort = () => s.abortCommand(itt);
+        },
         direction: { read: task.read, write: task.write },
       })
-      .then(toOutcome);
+      .then((r) => {
+        const o = toOutcome(r);
+        if (pooled) {
+          if (r.data && r.data.buffer === pooled.buffer) o.release = () => dataBuffers.release(pooled);
+          else dataBuffers.release(pooled);
+        }
+        return o;
+      });
   }
 
   async reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {

@@ -525,7 +525,7 @@ export class EmbeddedTarget implements ScsiTargetDevice {
   }
 
   async execute(task: ScsiTask): Promise<ScsiOutcome> {
-    if (task.signal.aborted) return { status: ScsiStatus.TASK_ABORTED };
+    if (task.aborted ?? task.signal.aborted) return { status: ScsiStatus.TASK_ABORTED };
     const key = this.noteSession(task.nexus);
     const cdb = task.cdb;
     if (cdb.length === 0) return spc.checkConditionFixed(INVALID_OPCODE);

@@ -21,6 +21,7 @@ import {
   writeProtected,
   type LogicalUnit,
 } from './logical-unit.ts';
+import { BufferPool, dataBuffers } from './buffer-pool.ts';
 import { good, truncate } from './spc.ts';
 import type { ScsiOutcome } from './task.ts';
 
@@ -89,7 +90,18 @@ export async function read(ctx: CommandContext): Promise<ScsiOutcome> {
   lu.checkRange(c.lba, c.blocks);
   if (c.blocks === 0) return good(EMPTY);
   const bs = lu.blockSize;
-  return good(await lu.backing.read(c.lba * bs, c.blocks * bs));
+  const length = c.blocks * bs;
+  if (!BufferPool.pooled(length)) return good(await lu.backing.read(c.lba * bs, length));
+  // A pooled buffer, given back by the transport once the data is sent (see buffer-pool.ts). The
+  // read has finished either way when the await returns, so a failure can give it back at once.
+  const buf = dataBuffers.take(length);
+  try {
+    await lu.backing.readInto(buf.subarray(0, length), c.lba * bs);
+  } catch (err) {
+    dataBuffers.release(buf);
+    throw err;
+  }
+  return { status: ScsiStatus.GOOD, dataIn: buf.subarray(0, length), release: () => dataBuffers.release(buf) };
 }
 
 /**

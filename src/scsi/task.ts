@@ -37,7 +37,15 @@ export interface ScsiTask {
   /** The initiator's Expected Data Transfer Length for the read direction (0 for none). */
   dataInLength: number;
   /** Aborted by task management or by the session going away. */
-  signal: AbortSignal;
+  readonly signal: AbortSignal;
+  /**
+   * An executor that can stop its work more cheaply than by listening on `signal` (the proxy
+   * aborting its forwarded command) sets this; the transport calls it once if the task is
+   * aborted. Reading `signal` costs an AbortController per command, this does not.
+   */
+  onAbort?: () => void;
+  /** Already aborted, when the transport knows it (checked before forwarding a held command). */
+  readonly aborted?: boolean;
 }
 
 export interface ScsiOutcome {
@@ -66,6 +74,11 @@ export interface ScsiOutcome {
    * status at all, e.g. because its backend vanished (0x01, target failure).
    */
   response?: number;
+  /**
+   * Set when dataIn lives in a pooled buffer: the transport calls it exactly once, when nothing
+   * will read dataIn any more (its last byte handed to the socket, or the task dropped).
+   */
+  release?: () => void;
 }
 
 export const TmfResult = {
