@@ -4,6 +4,7 @@ export * from './serial.ts';
 export * from './digest.ts';
 export * from './pdu.ts';
 export * from './framer.ts';
+export * from './receiver.ts';
 export * from './scsi/index.ts';
 export * from './text.ts';
 export * from './keys.ts';

@@ -1,41 +1,26 @@
 import net from 'node:net';
 import {
-  BHS_LENGTH,
-  crc32cOf,
   decodePdu,
-  DIGEST_LENGTH,
   encodePdu,
   isInitiatorOpcode,
-  MAX_AHS_LENGTH,
   NO_DIGESTS,
-  pad4,
-  readDataSegmentLength,
-  readTotalAhsLength,
+  PduReceiver,
   type DigestSettings,
+  type Frame,
+  type PayloadSink,
   type PduInit,
   type TargetPdu,
+  type WireError,
 } from 'iscsi-node-wire';
 
-/** RFC 7143 13.12: every Login PDU is limited to 8192 bytes of data, whatever is declared later. */
-const LOGIN_MAX_RECV_DATA_SEGMENT_LENGTH = 8192;
-
 /**
- * The socket reads into this one buffer per connection (headers, small payloads, several PDUs
+ * The socket reads into one reused buffer per connection (headers, small payloads, several PDUs
  * at a time) instead of into a fresh chunk Node allocates per read: at hundreds of MB/s those
  * chunks are external memory that keeps V8 running full garbage collections.
  */
 const RECEIVE_BUFFER_SIZE = 256 * 1024;
-/** The rest of a payload at least this long is read by the kernel straight into its destination. */
-const DIRECT_READ_MIN = 16 * 1024;
-const MAX_HEADER_LENGTH = BHS_LENGTH + MAX_AHS_LENGTH + DIGEST_LENGTH;
-const EMPTY = Buffer.alloc(0);
 
-/**
- * Where the data segment of an incoming PDU goes, decided from its header before the payload is
- * read: a view of exactly `length` bytes (e.g. the right place in a read command's buffer), or
- * undefined for a buffer of its own.
- */
-export type PayloadSink = (header: Buffer, length: number) => Buffer | undefined;
+export type { PayloadSink };
 
 /** The connection failed below iSCSI: TCP, framing, digests, or a target PDU we cannot decode. */
 export class ConnectionError extends Error {
@@ -85,232 +70,6 @@ export interface OpenOptions {
 }
 
 /**
- * The receive side of one connection: cuts the byte stream into PDUs, checks digests and decodes.
- *
- * The socket reads into a buffer this object owns and reuses (Node's `onread`), so nothing of a
- * read survives it: headers are copied out (48 bytes, from Node's small-buffer pool) and every
- * payload is copied once into its final place, which the payload sink picks, e.g. the read
- * command's own buffer. When a large part of a payload is still to come, the next read goes
- * straight into its destination and even that copy disappears.
- *
- * During login the PDUs are handed out one at a time and whatever follows the last one is kept
- * unparsed, so the first full-feature PDU is never cut with login-phase settings (no digests,
- * 8192-byte limit) even when it arrived in the same TCP segment as the final Login Response.
- */
-class Receiver {
-  readonly buffer = Buffer.allocUnsafe(RECEIVE_BUFFER_SIZE);
-  headerDigest = false;
-  dataDigest = false;
-  maxRecvDataSegmentLength = LOGIN_MAX_RECV_DATA_SEGMENT_LENGTH;
-  sink: PayloadSink | undefined;
-  /** One PDU at a time, and the rest kept (login phase); or everything as it comes. */
-  private oneAtATime = true;
-  /** Bytes received while oneAtATime and not parsed yet (owned copies). */
-  private backlog: Buffer = EMPTY;
-
-  private readonly headerBytes = Buffer.allocUnsafe(MAX_HEADER_LENGTH);
-  private headerGot = 0;
-  private headerNeed = BHS_LENGTH;
-  /** The PDU whose data segment is being received. */
-  private header: Buffer | undefined;
-  private payload: Buffer = EMPTY;
-  private payloadGot = 0;
-  /** Padding and data digest after the payload. */
-  private readonly tail = Buffer.allocUnsafe(3 + DIGEST_LENGTH);
-  private tailGot = 0;
-  private tailNeed = 0;
-  /** Set when the next read should go into the payload itself rather than into `buffer`. */
-  private direct: Buffer | undefined;
-  /** The buffer the read in progress goes to. */
-  private reading: Buffer = this.buffer;
-  private failed = false;
-
-  constructor(
-    private readonly deliver: (pdu: TargetPdu) => void,
-    private readonly fail: (message: string, code: 'framing' | 'digest' | 'malformed' | 'protocol', cause?: unknown) => void,
-  ) {}
-
-  /**
-   * Where the socket reads next. Node asks once per read, right after delivering the previous
-   * one, so a plan made in between (startStreaming) only takes effect from the read after.
-   */
-  nextReadBuffer(): Buffer {
-    this.reading = this.direct ?? this.buffer;
-    return this.reading;
-  }
-
-  /** `n` bytes arrived in the buffer nextReadBuffer() returned last. */
-  onRead(n: number): void {
-    if (this.failed) return;
-    if (this.reading !== this.buffer) {
-      this.direct = undefined;
-      this.payloadGot += n;
-      if (this.payloadGot === this.payload.length && this.tailNeed === 0) this.finishPdu();
-      this.planDirectRead();
-      return;
-    }
-    if (this.oneAtATime) {
-      // Rare (login): keep an owned copy and let pull() take PDUs from it.
-      const copy = Buffer.allocUnsafe(this.backlog.length + n);
-      this.backlog.copy(copy, 0);
-      this.buffer.copy(copy, this.backlog.length, 0, n);
-      this.backlog = copy;
-      return;
-    }
-    this.consume(this.buffer, 0, n, false);
-    this.planDirectRead();
-  }
-
-  /** Login phase: parses up to the end of the next whole PDU in what has arrived, if any. */
-  pull(): void {
-    if (this.failed || this.backlog.length === 0) return;
-    const used = this.consume(this.backlog, 0, this.backlog.length, true);
-    this.backlog = used === this.backlog.length ? EMPTY : this.backlog.subarray(used);
-  }
-
-  /** Leaves the login phase: what is left is parsed with the full-feature settings. */
-  startStreaming(): void {
-    this.oneAtATime = false;
-    const rest = this.backlog;
-    this.backlog = EMPTY;
-    if (rest.length > 0) this.consume(rest, 0, rest.length, false);
-    this.planDirectRead();
-  }
-
-  /**
-   * Parses src[pos, end). Anything that must outlive the call is copied, because src is the
-   * reused receive buffer. Returns where it stopped (before end only when `one` is set).
-   */
-  private consume(src: Buffer, pos: number, end: number, one: boolean): number {
-    while (pos < end && !this.failed) {
-      if (this.header === undefined) {
-        const n = Math.min(this.headerNeed - this.headerGot, end - pos);
-        src.copy(this.headerBytes, this.headerGot, pos, pos + n);
-        this.headerGot += n;
-        pos += n;
-        if (this.headerGot < this.headerNeed) break;
-        if (this.headerNeed === BHS_LENGTH) {
-          // Now the AHS length and whether a header digest follows are known.
-          const full = BHS_LENGTH + readTotalAhsLength(this.headerBytes) + (this.headerDigest ? DIGEST_LENGTH : 0);
-          if (full > BHS_LENGTH) {
-            this.headerNeed = full;
-            continue;
-          }
-        }
-        if (!this.startPdu()) return end;
-        if (this.payload.length === 0) {
-          this.finishPdu();
-          if (one) return pos;
-        }
-        continue;
-      }
-      if (this.payloadGot < this.payload.length) {
-        const n = Math.min(this.payload.length - this.payloadGot, end - pos);
-        src.copy(this.payload, this.payloadGot, pos, pos + n);
-        this.payloadGot += n;
-        pos += n;
-        if (this.payloadGot < this.payload.length) break;
-      }
-      if (this.tailGot < this.tailNeed) {
-        const n = Math.min(this.tailNeed - this.tailGot, end - pos);
-        src.copy(this.tail, this.tailGot, pos, pos + n);
-        this.tailGot += n;
-        pos += n;
-        if (this.tailGot < this.tailNeed) break;
-      }
-      this.finishPdu();
-      if (one) return pos;
-    }
-    return pos;
-  }
-
-  /** The header is complete: check it and find the payload its destination. */
-  private startPdu(): boolean {
-    const headerLength = this.headerNeed - (this.headerDigest ? DIGEST_LENGTH : 0);
-    const h = this.headerBytes;
-    this.headerGot = 0;
-    this.headerNeed = BHS_LENGTH;
-    if (this.headerDigest && crc32cOf([h.subarray(0, headerLength)]) !== h.readUInt32LE(headerLength)) {
-      this.stop('receive: header digest mismatch', 'digest');
-      return false;
-    }
-    const dsl = readDataSegmentLength(h);
-    if (dsl > this.maxRecvDataSegmentLength) {
-      this.stop(`receive: DataSegmentLength ${dsl} exceeds the ${this.maxRecvDataSegmentLength} bytes declared`, 'framing');
-      return false;
-    }
-    // Owned: the decoded PDU may keep views of its header.
-    const header = Buffer.allocUnsafe(headerLength);
-    h.copy(header, 0, 0, headerLength);
-    this.header = header;
-    this.payloadGot = 0;
-    this.tailGot = 0;
-    if (dsl === 0) {
-      this.payload = EMPTY;
-      this.tailNeed = 0;
-      return true;
-    }
-    const dest = this.oneAtATime ? undefined : this.sink?.(header, dsl);
-    this.payload = dest !== undefined && dest.length === dsl ? dest : Buffer.allocUnsafe(dsl);
-    this.tailNeed = pad4(dsl) - dsl + (this.dataDigest ? DIGEST_LENGTH : 0);
-    return true;
-  }
-
-  private finishPdu(): void {
-    const header = this.header!;
-    const data = this.payload;
-    this.header = undefined;
-    this.payload = EMPTY;
-    if (this.dataDigest && data.length > 0) {
-      const padLength = this.tailNeed - DIGEST_LENGTH;
-      if (crc32cOf([data, this.tail.subarray(0, padLength)]) !== this.tail.readUInt32LE(padLength)) {
-        // The stream is still in sync, but at ErrorRecoveryLevel 0 the only way to recover the
-        // lost payload is to drop the connection and re-issue the command.
-        this.stop('receive: data digest mismatch', 'digest');
-        return;
-      }
-    }
-    let pdu;
-    try {
-      pdu = decodePdu(header, data);
-    } catch (err) {
-      this.stop(`receive: ${(err as Error).message}`, 'malformed', err);
-      return;
-    }
-    if (isInitiatorOpcode(pdu.opcode)) {
-      this.stop(`target sent an initiator opcode 0x${pdu.opcode.toString(16)}`, 'protocol');
-      return;
-    }
-    this.deliver(pdu as TargetPdu);
-  }
-
-  /** When much of the current payload is still to come, the kernel copies it into place. */
-  private planDirectRead(): void {
-    this.direct = undefined;
-    if (this.failed || this.header === undefined) return;
-    const left = this.payload.length - this.payloadGot;
-    if (left >= DIRECT_READ_MIN) this.direct = this.payload.subarray(this.payloadGot);
-  }
-
-  private stop(message: string, code: 'framing' | 'digest' | 'malformed' | 'protocol', cause?: unknown): void {
-    this.failed = true;
-    this.header = undefined;
-    this.payload = EMPTY;
-    this.direct = undefined;
-    this.backlog = EMPTY;
-    this.fail(message, code, cause);
-  }
-
-  close(): void {
-    this.failed = true;
-    this.header = undefined;
-    this.payload = EMPTY;
-    this.direct = undefined;
-    this.backlog = EMPTY;
-  }
-}
-
-/**
  * One TCP connection to a target: PDU framing on the way in (see Receiver), encoding on the way
  * out. During login the owner pulls Login Responses one at a time (receiveLoginPdu); in full
  * feature phase every PDU goes synchronously to the handler as soon as it is complete.
@@ -318,7 +77,7 @@ class Receiver {
 export class InitiatorConnection {
   readonly socket: net.Socket;
   readonly portal: Portal;
-  private readonly rx: Receiver;
+  private readonly rx: PduReceiver;
   private digests: DigestSettings = NO_DIGESTS;
   private mode: 'login' | 'full-feature' | 'closed' = 'login';
   private corked = false;
@@ -330,7 +89,7 @@ export class InitiatorConnection {
   /** PDUs received, for idle detection without a clock read per PDU. */
   rxCount = 0;
 
-  private constructor(socket: net.Socket, portal: Portal, rx: Receiver) {
+  private constructor(socket: net.Socket, portal: Portal, rx: PduReceiver) {
     this.socket = socket;
     this.portal = portal;
     this.rx = rx;
@@ -345,10 +104,9 @@ export class InitiatorConnection {
       // The receiver exists before the socket: Node asks it for the first read buffer as soon as
       // the handle is created. Its PDUs go to whichever connection object it ends up in.
       let conn: InitiatorConnection | undefined;
-      const rx = new Receiver(
-        (pdu) => conn?.onPdu(pdu),
-        (message, code, cause) => conn?.fail(new ConnectionError(message, code, cause === undefined ? undefined : { cause })),
-      );
+      const rx = new PduReceiver({ bufferSize: RECEIVE_BUFFER_SIZE });
+      rx.onFrame = (frame) => conn?.onFrame(frame);
+      rx.onError = (err) => conn?.onWireError(err);
       const socket = net.connect({
         host: opts.portal.host,
         port: opts.portal.port,
@@ -477,6 +235,31 @@ export class InitiatorConnection {
   private pullLoginPdu(): TargetPdu | undefined {
     if (this.loginQueue.length === 0) this.rx.pull();
     return this.loginQueue.shift();
+  }
+
+  private onFrame(frame: Frame): void {
+    if (this.mode === 'closed') return;
+    let pdu;
+    try {
+      pdu = decodePdu(frame.header, frame.data);
+    } catch (err) {
+      this.fail(new ConnectionError(`receive: ${(err as Error).message}`, 'malformed', { cause: err }));
+      return;
+    }
+    if (isInitiatorOpcode(pdu.opcode)) {
+      this.fail(new ConnectionError(`target sent an initiator opcode 0x${pdu.opcode.toString(16)}`, 'protocol'));
+      return;
+    }
+    this.onPdu(pdu as TargetPdu);
+  }
+
+  /**
+   * Every receive error ends the connection, a data digest error included: at ErrorRecoveryLevel
+   * 0 the only way to recover the lost payload is to drop the connection and re-issue the command.
+   */
+  private onWireError(err: WireError): void {
+    const code = err.kind === 'header-digest' || err.kind === 'data-digest' ? 'digest' : 'framing';
+    this.fail(new ConnectionError(`receive: ${err.message}`, code, { cause: err }));
   }
 
   private onPdu(pdu: TargetPdu): void {

@@ -7,7 +7,7 @@ import {
   LogoutReason,
   LogoutResponseCode,
   Opcode,
-  PduFramer,
+  PduReceiver,
   readDataSegmentLength,
   RejectReason,
   RESERVED_TAG,
@@ -18,6 +18,7 @@ import {
   WireError,
   type DataOut,
   type DigestSettings,
+  type Frame,
   type LoginRequest,
   type LogoutRequest,
   type NopOut,
@@ -62,7 +63,7 @@ export class FrontConnection {
   session: FrontSession | undefined;
   cid = 0;
   private statSN = 0;
-  private readonly framer: PduFramer;
+  private readonly rx: PduReceiver;
   private digests: DigestSettings = { headerDigest: false, dataDigest: false };
   private readonly tasks = new Map<number, FrontTask>();
   private readonly byTtt = new Map<number, FrontTask>();
@@ -78,16 +79,24 @@ export class FrontConnection {
   readonly log: Logger;
   readonly remote: string;
 
+  /**
+   * `rx` is given when the socket already reads into it (Node's `onread`, see Portal); without
+   * it the connection makes its own and feeds it from 'data' events.
+   */
   constructor(
     readonly socket: net.Socket,
     readonly host: ConnectionHost,
+    rx?: PduReceiver,
   ) {
     this.remote = `${socket.remoteAddress}:${socket.remotePort}`;
     this.log = host.logger.child({ remote: this.remote });
-    this.framer = new PduFramer({ maxRecvDataSegmentLength: 8192, hardCap: host.limits.maxRecvDataSegmentLength });
+    this.rx = rx ?? FrontConnection.newReceiver(host);
+    this.rx.onFrame = (frame) => this.onFrame(frame);
+    this.rx.onError = (err, fatal) => this.onWireError(err, fatal);
+    this.rx.sink = (header, length) => this.dataOutDestination(header, length);
     this.text = new TextResponder(this);
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (!rx) socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (err) => this.log.debug({ err: err.message }, 'socket error'));
     socket.on('close', () => this.onClose());
     this.login = host.newLogin(this);
@@ -109,51 +118,87 @@ export class FrontConnection {
   // ------------------------------------------------------------------------------------------
   // receive path
 
+  /** A receiver for a connection of this host: login limits now, the negotiated ones later. */
+  static newReceiver(host: ConnectionHost): PduReceiver {
+    return new PduReceiver({ maxRecvDataSegmentLength: 8192, hardCap: host.limits.maxRecvDataSegmentLength });
+  }
+
   /** Set while an asynchronous step (a login that opens a backend session) holds the input. */
   private blocked = false;
 
-  private onData(chunk: Buffer): void {
+  /** Bytes the socket read into the receiver's buffer (onread). */
+  onRead(n: number): void {
     // After a refused login or a logout only our FIN is left to go: whatever the peer still
-    // sends is not read, so it cannot pile up in the framer.
+    // sends is not parsed, so it cannot pile up.
     if (this.state === 'closed' || this.state === 'logged-out') return;
-    this.framer.push(chunk);
-    this.pump();
+    this.rx.onRead(n);
+    if (this.state === 'login') this.pumpLogin();
   }
 
-  private pump(): void {
-    for (let out = this.blocked ? undefined : this.framer.next(); out; out = this.blocked ? undefined : this.framer.next()) {
-      if (this.state === 'closed' || this.state === 'logged-out') return;
-      if (out.error) {
-        if (out.fatal) {
-          this.log.warn({ kind: out.error.kind, err: out.error.message }, 'framing error; closing connection');
-          this.close();
-          return;
-        }
-        this.onDataDigestError(out.error);
-        continue;
-      }
-      let pdu: Pdu;
-      try {
-        pdu = decodePdu(out.frame.header, out.frame.data);
-      } catch (err) {
-        const e = err as WireError;
-        this.log.warn({ kind: e.kind, err: e.message }, 'malformed PDU');
-        if (this.state === 'login') {
-          this.close();
-          return;
-        }
-        this.reject(e.kind === 'unknown-opcode' ? RejectReason.CommandNotSupported : RejectReason.InvalidPduField, out.frame.header);
-        continue;
-      }
-      try {
-        this.dispatch(pdu, out.frame.header);
-      } catch (err) {
-        // A bug handling one PDU must not take the process down; it does end this connection.
-        this.log.error({ err }, 'error handling PDU; closing connection');
+  private onData(chunk: Buffer): void {
+    if (this.state === 'closed' || this.state === 'logged-out') return;
+    this.rx.push(chunk);
+    if (this.state === 'login') this.pumpLogin();
+  }
+
+  /**
+   * Login PDUs are taken one at a time, each answered before the next is parsed: the last one
+   * switches digests and limits for whatever follows it, even in the same segment. Streaming
+   * starts out here, never inside a frame callback, so the receiver is not re-entered.
+   */
+  private pumpLogin(): void {
+    while (this.state === 'login' && !this.blocked && this.rx.pull()) {
+      // each pull delivers (and answers) one PDU
+    }
+    if (this.state === 'full-feature' && this.rx.isHeld) this.rx.startStreaming();
+  }
+
+  private onWireError(err: WireError, fatal: boolean): void {
+    if (this.state === 'closed' || this.state === 'logged-out') return;
+    if (fatal) {
+      this.log.warn({ kind: err.kind, err: err.message }, 'framing error; closing connection');
+      this.close();
+      return;
+    }
+    if (this.state === 'login') {
+      this.close();
+      return;
+    }
+    this.onDataDigestError(err);
+  }
+
+  private onFrame(frame: Frame): void {
+    if (this.state === 'closed' || this.state === 'logged-out') return;
+    let pdu: Pdu;
+    try {
+      pdu = decodePdu(frame.header, frame.data);
+    } catch (err) {
+      const e = err as WireError;
+      this.log.warn({ kind: e.kind, err: e.message }, 'malformed PDU');
+      if (this.state === 'login') {
         this.close();
         return;
       }
+      this.reject(e.kind === 'unknown-opcode' ? RejectReason.CommandNotSupported : RejectReason.InvalidPduField, frame.header);
+      return;
     }
+    try {
+      this.dispatch(pdu, frame.header);
+    } catch (err) {
+      // A bug handling one PDU must not take the process down; it does end this connection.
+      this.log.error({ err }, 'error handling PDU; closing connection');
+      this.close();
+    }
+  }
+
+  /**
+   * A Data-Out payload goes straight into its command's buffer when its header says it is the
+   * next one expected there; anything else gets a buffer of its own and acceptData judges it.
+   */
+  private dataOutDestination(header: Buffer, length: number): Buffer | undefined {
+    if ((header[0]! & 0x3f) !== Opcode.DataOut || this.state !== 'full-feature') return undefined;
+    const task = this.taskForDataOut(header.readUInt32BE(16), header.readUInt32BE(20));
+    return task?.placeFor(header.readUInt32BE(20), header.readUInt32BE(36), header.readUInt32BE(40), length);
   }
 
   private dispatch(pdu: Pdu, header: Buffer): void {
@@ -218,7 +263,7 @@ export class FrontConnection {
           if (this.state === 'closed') return;
           this.finishLogin(pdu, outcome);
           this.socket.resume();
-          this.pump();
+          this.pumpLogin();
         },
         (err: unknown) => {
           this.log.error({ err }, 'login handler failed');
@@ -248,9 +293,9 @@ export class FrontConnection {
       const p = outcome.session.params;
       // Digests and the negotiated receive limit start with the next PDU in each direction.
       this.digests = { headerDigest: p.headerDigest, dataDigest: p.dataDigest };
-      this.framer.headerDigest = p.headerDigest;
-      this.framer.dataDigest = p.dataDigest;
-      this.framer.maxRecvDataSegmentLength = p.maxRecvDataSegmentLength;
+      this.rx.headerDigest = p.headerDigest;
+      this.rx.dataDigest = p.dataDigest;
+      this.rx.maxRecvDataSegmentLength = p.maxRecvDataSegmentLength;
       this.armNopTimer();
       this.host.onSessionEvent?.('login', this);
     }
@@ -732,6 +777,7 @@ export class FrontConnection {
   private onClose(): void {
     const wasFull = this.session !== undefined;
     this.state = 'closed';
+    this.rx.close();
     clearTimeout(this.loginTimer);
     clearTimeout(this.nopTimer);
     clearTimeout(this.nopDeadline);

@@ -110,6 +110,30 @@ export class FrontTask implements ScsiTask {
     this.solicit();
   }
 
+  /**
+   * Where a Data-Out payload can be received in place: only for the PDU acceptData will take as
+   * the next one of its sequence (same checks), so a stray or repeated PDU never touches data
+   * already gathered.
+   */
+  placeFor(ttt: number, dataSN: number, offset: number, length: number): Buffer | undefined {
+    if (this.finished || this.corrupt || !this.buffer || length === 0) return undefined;
+    if (ttt === RESERVED_TAG) {
+      if (!this.unsolicitedOpen || dataSN !== this.unsolicitedExpDataSN || offset !== this.unsolicitedEnd) return undefined;
+      if (offset + length > Math.min(this.conn.params!.firstBurstLength, this.expectedDataTransferLength)) return undefined;
+    } else {
+      const seq = this.r2ts.get(ttt);
+      if (!seq || dataSN !== seq.expDataSN || offset !== seq.next || offset + length > seq.end) return undefined;
+    }
+    return this.buffer.subarray(offset, offset + length);
+  }
+
+  /** Copies a payload into the gathered data unless the receiver already put it there. */
+  private place(data: Buffer, offset: number): void {
+    const b = this.buffer!;
+    if (data.buffer === b.buffer && data.byteOffset === b.byteOffset + offset) return;
+    data.copy(b, offset);
+  }
+
   /** Accepts one Data-Out PDU; returns a description of the problem if it breaks the rules. */
   acceptData(pdu: DataOut): string | undefined {
     if (this.finished || !this.buffer) return undefined;
@@ -121,7 +145,7 @@ export class FrontTask implements ScsiTask {
       if (pdu.bufferOffset !== this.unsolicitedEnd) return `buffer offset ${pdu.bufferOffset}, expected ${this.unsolicitedEnd}`;
       const limit = Math.min(p.firstBurstLength, this.expectedDataTransferLength);
       if (pdu.bufferOffset + len > limit) return 'unsolicited data beyond FirstBurstLength';
-      pdu.data.copy(this.buffer, pdu.bufferOffset);
+      this.place(pdu.data, pdu.bufferOffset);
       this.unsolicitedExpDataSN++;
       this.unsolicitedEnd += len;
       this.received += len;
@@ -137,7 +161,7 @@ export class FrontTask implements ScsiTask {
     if (pdu.dataSN !== seq.expDataSN) return `DataSN ${pdu.dataSN}, expected ${seq.expDataSN}`;
     if (pdu.bufferOffset !== seq.next) return `buffer offset ${pdu.bufferOffset}, expected ${seq.next}`;
     if (seq.next + len > seq.end) return 'Data-Out beyond the R2T';
-    pdu.data.copy(this.buffer, pdu.bufferOffset);
+    this.place(pdu.data, pdu.bufferOffset);
     seq.next += len;
     seq.expDataSN++;
     this.received += len;
