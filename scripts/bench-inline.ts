@@ -23,81 +23,30 @@
 //
 // Only loopback addresses: tgtd on 127.0.0.1 (own -C control port), detour serve on 127.0.0.2 (its
 // backend sessions leave from there too, as in production), detour target on 127.0.0.1.
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, waitForPort } from '../test/helpers/ports.ts';
+import { freePort } from '../test/helpers/ports.ts';
 import { Tgtd } from '../test/helpers/tgtd.ts';
+import {
+  BLOCK_SIZE,
+  DetourServer,
+  interrupt,
+  iscsiPerf,
+  mainThreadProfiles,
+  median,
+  pad,
+  prefill,
+  qemuImgBench,
+  QUEUE_DEPTH,
+  runTool,
+  summarizeProfile,
+  type Sample,
+} from './lib/bench-common.ts';
 
 const MAIN_IQN = 'iqn.2026-11.bench:main';
 const EMBEDDED_IQN = 'iqn.2026-11.bench:embedded';
 const LUN_BYTES = 1 << 30;
-const BLOCK_SIZE = 512;
-const QUEUE_DEPTH = 32;
-
-const repoRoot = path.resolve(import.meta.dirname, '..');
-
-/**
- * A `detour` CLI process, stopped by its PID. Like test/helpers/detour-process.ts, but it can pass
- * flags to node itself: --cpu-prof is refused in NODE_OPTIONS.
- */
-class DetourServer {
-  private readonly logs: string[] = [];
-  private constructor(readonly proc: ChildProcess) {
-    proc.stdout!.on('data', (d: Buffer) => this.keep(d));
-    proc.stderr!.on('data', (d: Buffer) => this.keep(d));
-  }
-
-  /** The tail of its output, for a failure report; a long benchmark must not hoard logs. */
-  private keep(d: Buffer): void {
-    this.logs.push(d.toString());
-    if (this.logs.length > 200) this.logs.splice(0, 100);
-  }
-
-  get output(): string {
-    return this.logs.join('');
-  }
-
-  static async start(nodeArgs: string[], args: string[], listen: { host: string; port: number }): Promise<DetourServer> {
-    return DetourServer.spawnNode([...nodeArgs, path.join(repoRoot, 'bin/detour.js'), ...args], listen);
-  }
-
-  /** Any node program (the calibration relay), with the same PID-based lifecycle. */
-  static async spawnNode(argv: string[], listen: { host: string; port: number }): Promise<DetourServer> {
-    const args = argv;
-    const proc = spawn(process.execPath, argv, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
-    const d = new DetourServer(proc);
-    const exited = new Promise<never>((_, reject) => proc.once('exit', (code) => reject(new Error(`detour ${args.join(' ')} exited with ${code}:\n${d.output}`))));
-    exited.catch(() => {});
-    try {
-      await Promise.race([waitForPort(listen.host, listen.port, 20_000), exited]);
-    } catch (err) {
-      await d.stop();
-      throw err;
-    }
-    return d;
-  }
-
-  /** SIGTERM by PID (detour shuts down cleanly and node writes its CPU profile), SIGKILL after 15 s. */
-  async stop(): Promise<void> {
-    const p = this.proc;
-    if (p.exitCode !== null || p.signalCode !== null || p.pid === undefined) return;
-    const pid = p.pid;
-    const gone = new Promise<void>((resolve) => p.once('exit', () => resolve()));
-    process.kill(pid, 'SIGTERM');
-    const timer = setTimeout(() => {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* already gone */
-      }
-    }, 15_000);
-    await gone;
-    clearTimeout(timer);
-  }
-}
 
 /**
  * The calibration relay, run as `node -e`: accepts on LISTEN_HOST:LISTEN_PORT and pipes every
@@ -156,65 +105,6 @@ function parseOptions(argv: string[]): Options {
   if (!Number.isInteger(o.reps) || o.reps < 1) throw new Error('--reps must be a positive integer');
   for (const l of o.loads) if (!LOADS.some((x) => x.id === l)) throw new Error(`unknown load ${l} (known: ${LOADS.map((x) => x.id).join(', ')})`);
   return o;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Running the tools
-
-/** Aborted on Ctrl-C, so a running tool dies and the finally blocks stop the servers. */
-const interrupt = new AbortController();
-
-interface ToolResult {
-  stdout: string;
-  stderr: string;
-}
-
-function runTool(cmd: string, args: string[], timeoutMs: number): Promise<ToolResult> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { timeout: timeoutMs, signal: interrupt.signal, maxBuffer: 64 << 20, encoding: 'utf8' }, (err, stdout, stderr) => {
-      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${err.message}\n${stderr}${stdout.slice(-2000)}`));
-      else resolve({ stdout, stderr });
-    });
-  });
-}
-
-/** One measurement: how much work was done in how long. */
-interface Sample {
-  /** Commands completed per second. */
-  iops: number;
-  /** Bytes per second. */
-  bytesPerSec: number;
-}
-
-/**
- * iscsi-perf runs for -t seconds and ends with "iops average N (M MB/s)" over the whole run,
- * drain included. Its MB/s figure is rounded to whole MiB, so the bytes are computed from IOPS.
- */
-async function iscsiPerf(url: string, opts: { blocks: number; random: boolean; seconds: number }): Promise<Sample> {
-  const args = ['-m', String(QUEUE_DEPTH), '-b', String(opts.blocks), '-t', String(opts.seconds), ...(opts.random ? ['-r'] : []), url];
-  const { stdout } = await runTool('iscsi-perf', args, opts.seconds * 1000 * 4 + 30_000);
-  const all = [...stdout.matchAll(/iops average (\d+)/g)];
-  const last = all.at(-1);
-  if (!last || !/finished\./.test(stdout)) throw new Error(`iscsi-perf ${args.join(' ')}: no final average in its output:\n${stdout.slice(-1000)}`);
-  const iops = Number(last[1]);
-  return { iops, bytesPerSec: iops * opts.blocks * BLOCK_SIZE };
-}
-
-/**
- * qemu-img bench issues a fixed number of requests and reports "Run completed in X seconds." The
- * final flush of the image happens after that figure is taken, on both paths alike.
- */
-async function qemuImgBench(url: string, opts: { write: boolean; bytes: number; count: number }): Promise<Sample> {
-  const args = ['bench', '-f', 'raw', '-c', String(opts.count), '-d', String(QUEUE_DEPTH), '-s', String(opts.bytes)];
-  // A non-zero pattern: nothing on either path may take a shortcut for zeroes.
-  if (opts.write) args.push('-w', '--pattern=0xa5');
-  args.push(url);
-  const { stdout } = await runTool('qemu-img', args, 600_000);
-  const m = /Run completed in ([\d.]+) seconds/.exec(stdout);
-  if (!m) throw new Error(`qemu-img ${args.join(' ')}: no completion time in its output:\n${stdout}`);
-  const secs = Number(m[1]);
-  const iops = opts.count / secs;
-  return { iops, bytesPerSec: iops * opts.bytes };
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -282,32 +172,8 @@ function figure(load: Load, s: Sample): number {
   return load.metric === 'IOPS' ? s.iops : s.bytesPerSec / 1e6;
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
 // ------------------------------------------------------------------------------------------------
 // Set-up
-
-/**
- * A fully written image, so reads on every path return real data from the page cache rather than
- * holes (a first read of a hole is several times slower than a cached read and would favour
- * whichever path happens to run second). fsync so background writeback does not run into the
- * measurements.
- */
-function prefill(file: string): void {
-  const chunk = Buffer.allocUnsafe(4 << 20);
-  randomFillSync(chunk);
-  const fd = fs.openSync(file, 'w');
-  try {
-    for (let off = 0; off < LUN_BYTES; off += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, off);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 interface Started {
   tgtd?: Tgtd;
@@ -326,8 +192,8 @@ interface Bench {
 async function setUp(work: string, opts: Options, started: Started): Promise<Bench> {
   const mainImg = path.join(work, 'main.img');
   const embeddedImg = path.join(work, 'embedded.img');
-  prefill(mainImg);
-  prefill(embeddedImg);
+  prefill(mainImg, LUN_BYTES);
+  prefill(embeddedImg, LUN_BYTES);
 
   const tgtd = await Tgtd.start({ host: '127.0.0.1', targets: [{ tid: 1, iqn: MAIN_IQN, luns: [{ lun: 1, file: mainImg, size: LUN_BYTES }] }] });
   started.tgtd = tgtd;
@@ -387,46 +253,7 @@ async function setUp(work: string, opts: Options, started: Started): Promise<Ben
 }
 
 // ------------------------------------------------------------------------------------------------
-// CPU profile summary
-
-interface ProfileNode {
-  id: number;
-  callFrame: { functionName: string; url: string; lineNumber: number };
-  children?: number[];
-}
-
-/** Self time per function, from a V8 .cpuprofile (samples and their time deltas). */
-function summarizeProfile(file: string, top: number): string[] {
-  const prof = JSON.parse(fs.readFileSync(file, 'utf8')) as { nodes: ProfileNode[]; samples: number[]; timeDeltas: number[] };
-  const byId = new Map(prof.nodes.map((n) => [n.id, n]));
-  const self = new Map<string, number>();
-  let total = 0;
-  for (let i = 0; i < prof.samples.length; i++) {
-    const n = byId.get(prof.samples[i]!);
-    const dt = prof.timeDeltas[i] ?? 0;
-    if (!n) continue;
-    total += dt;
-    const cf = n.callFrame;
-    // Sources loaded through tsx report line 1 for everything: only the file is worth showing.
-    const file = cf.url.replace(/^file:\/\//, '').replace(`${repoRoot}/`, '');
-    const where = cf.url ? (cf.url.startsWith('node:') ? `${file}:${cf.lineNumber + 1}` : file) : '';
-    const key = `${cf.functionName || '(anonymous)'} ${where}`.trim();
-    self.set(key, (self.get(key) ?? 0) + dt);
-  }
-  const idle = self.get('(idle)') ?? 0;
-  const busy = total - idle;
-  const rows = [...self.entries()].filter(([k]) => k !== '(idle)').sort((a, b) => b[1] - a[1]).slice(0, top);
-  const out = [`  ${path.basename(file)}: ${(total / 1e6).toFixed(1)} s sampled, ${(busy / 1e6).toFixed(1)} s busy (${((100 * busy) / Math.max(1, total)).toFixed(0)}%); share of the busy time:`];
-  for (const [k, us] of rows) out.push(`    ${((100 * us) / Math.max(1, busy)).toFixed(1).padStart(5)}%  ${(us / 1e3).toFixed(0).padStart(7)} ms  ${k}`);
-  return out;
-}
-
-// ------------------------------------------------------------------------------------------------
 // Main
-
-function pad(s: string, n: number, right = false): string {
-  return right ? s.padStart(n) : s.padEnd(n);
-}
 
 async function main(): Promise<number> {
   const opts = parseOptions(process.argv.slice(2));
@@ -540,16 +367,11 @@ async function main(): Promise<number> {
   if (errors.length) console.log(`\nmeasurements that failed:\n  ${errors.join('\n  ')}`);
 
   if (opts.cpuProfDir) {
-    // V8 names the files CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile; thread 0 is the main
-    // one (the other is the TypeScript loader's worker, idle once the modules are loaded).
-    const files = fs
-      .readdirSync(opts.cpuProfDir)
-      .filter((f) => f.endsWith('.cpuprofile') && profiled.has(Number(f.split('.')[3])) && f.split('.')[4] === '0');
+    const files = mainThreadProfiles(opts.cpuProfDir, profiled);
     console.log(`\nCPU profiles (${opts.cpuProfDir}), hottest functions by self time:`);
-    for (const name of files) {
-      const f = path.join(opts.cpuProfDir, name);
+    for (const { file: f, label } of files) {
       try {
-        console.log(`  ${profiled.get(Number(name.split('.')[3]))}`);
+        console.log(`  ${label}`);
         for (const l of summarizeProfile(f, opts.top)) console.log(l);
       } catch (err) {
         console.log(`  ${f}: unreadable (${(err as Error).message})`);

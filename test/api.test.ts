@@ -329,6 +329,15 @@ describe('API with a token', () => {
     expect((await request(base, 'GET', '/nowhere', { token: TOKEN })).status).toBe(404);
   });
 
+  it('logs backup requests with volume, backupId and phase', async () => {
+    const b = (await request(base, 'POST', '/v1/volumes/vol2/backups', { token: TOKEN, body: JSON.stringify({ label: 'audit' }) })).json as { id: string };
+    expect((await request(base, 'POST', `/v1/backups/${b.id}/cancel`, { token: TOKEN })).status).toBe(202);
+    const events = logged.map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(events.find((e) => e.msg === 'backup started' && e.backupId === b.id)).toMatchObject({ volume: 'vol2', phase: 'switching', label: 'audit' });
+    // The fake engine moves a backup one step each time it is read: the cancel saw it copying.
+    expect(events.find((e) => e.msg === 'backup cancel requested' && e.backupId === b.id)).toMatchObject({ volume: 'vol2', phase: 'copying' });
+  });
+
   it('never logs the token', () => {
     expect(logged.length).toBeGreaterThan(0);
     expect(logged.join('\n')).not.toContain(TOKEN);

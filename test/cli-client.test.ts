@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import path from 'node:path';
+import { BarView, PlainView, progressFields, summary } from '../src/control/commands/backup.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApiServer, type RunningApiServer } from '../src/control/api-server.ts';
 import { createMetrics } from '../src/control/metrics.ts';
@@ -134,11 +135,11 @@ describe('client commands against a running API', () => {
       'phase cutover',
       'phase done',
     ]);
-    expect(r.stdout).toMatch(/^backup bk-\d+ of vol2 completed: 64\.0 MiB, sha256 (ab){32}\n$/);
+    expect(r.stdout).toMatch(/^backup bk-\d+ of vol2 completed in \d+s: 64\.0 MiB( at [\d.]+ [KMGT]?i?B\/s)?, sha256 (ab){32}\n$/);
 
     const failed = await detour(['backup', 'start', 'broken', '--wait', '--poll', '20ms', ...api]);
     expect(failed.code).toBe(1);
-    expect(failed.stdout).toMatch(/failed in phase draining: main target went away during drain\n$/);
+    expect(failed.stdout).toMatch(/^backup bk-\d+ of broken failed in phase draining after \d+s: main target went away during drain\n$/);
   });
 
   it('backup list --json answers backup objects; the table has the contract columns', async () => {
@@ -190,6 +191,10 @@ describe('client commands against a running API', () => {
 
     const again = await detour(['backup', 'cancel', started.id, ...api]);
     expect(again.code).toBe(1);
+    const other = await engine.startBackup('vol2', {});
+    const json = await detour(['backup', 'cancel', other.id, '--json', ...api]);
+    expect(json.code).toBe(0);
+    expect(JSON.parse(json.stdout)).toEqual({ id: other.id, cancelRequested: true });
     expect(again.stderr).toBe(`detour backup cancel: backup ${started.id} is already cancelled\n`);
   });
 
@@ -266,6 +271,124 @@ describe('client commands against a running API', () => {
       expect(r.stderr, args.join(' ')).toMatch(message);
       expect(r.stderr, args.join(' ')).not.toMatch(/\n\s+at /);
     });
+  });
+});
+
+describe('backup start --wait on a terminal', () => {
+  let engine: FakeEngine;
+  let server: RunningApiServer;
+
+  beforeAll(async () => {
+    engine = new FakeEngine();
+    server = await startApiServer({ host: '127.0.0.1', port: 0, engine, registry: createMetrics({ defaultMetrics: false }).registry, logger: recordingLogger().logger });
+  });
+  afterAll(() => server.close());
+
+  it('draws a redrawn progress bar under a pseudo-terminal, then the summary', async () => {
+    const base = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DETOUR_')));
+    const inner = `stty cols 132; exec '${process.execPath}' '${path.join(repoRoot, 'bin/detour.js')}' backup start vol2 --wait --poll 250ms --api ${server.url}`;
+    // script(1) gives the command a real terminal; its output is the terminal's.
+    const r = await new Promise<Run>((resolve) => {
+      execFile('script', ['-qfec', inner, '/dev/null'], { cwd: repoRoot, env: base, timeout: 30_000 }, (err, stdout, stderr) =>
+        resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout, stderr }),
+      );
+    });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    const out = r.stdout;
+    expect(out).toMatch(/backup bk-\d+ of vol2: switching\r?\n/);
+    for (const phase of ['copying', 'draining', 'cutover', 'done']) expect(out).toMatch(new RegExp(`\\r\\x1b\\[K  ${phase}\\r?\\n`));
+    // Redrawn in place: carriage return, the line, erase to the end of the line.
+    expect(out).toMatch(/\rcopying {3}\s+\[█+░*\] +\d+% {2}\d+\.\d MiB\/64\.0 MiB .*journal \d+\/\d+ \(.+\) {2}\d+s elapsed\x1b\[K/);
+    expect(out).toMatch(/\rdraining {2}\s+\[█*░*\] +\d+% {2}\d+\/\d+ records/);
+    expect(out).toMatch(/backup bk-\d+ of vol2 completed in \d+s: 64\.0 MiB/);
+  });
+});
+
+describe('progress views', () => {
+  const MiB = 1024 * 1024;
+  const t0 = Date.parse('2026-11-03T12:00:00Z');
+  function backup(over: Partial<BackupObject>): BackupObject {
+    return {
+      id: 'bk-0001',
+      volume: 'vol1',
+      label: null,
+      state: 'running',
+      phase: 'copying',
+      freezeSeq: 7,
+      bytesTotal: 64 * MiB,
+      bytesCopied: 0,
+      journal: { records: 0, bytes: 0, unreflected: 0 },
+      startedAt: new Date(t0).toISOString(),
+      finishedAt: null,
+      error: null,
+      sha256: null,
+      ...over,
+    };
+  }
+  function terminal(columns: number) {
+    const writes: string[] = [];
+    return { columns, writes, write: (t: string) => void writes.push(t), text: () => writes.join('') };
+  }
+
+  it('copying: percent, bytes, rate and ETA from the last seconds, journal depth, elapsed', () => {
+    const tty = terminal(120);
+    const bar = new BarView(tty);
+    bar.update(backup({ phase: 'switching' }), t0 + 500);
+    bar.update(backup({ bytesCopied: 16 * MiB, journal: { records: 10, bytes: 40960, unreflected: 2 } }), t0 + 2000);
+    bar.update(backup({ bytesCopied: 32 * MiB, journal: { records: 40, bytes: 163840, unreflected: 3 } }), t0 + 3000);
+    const lines = tty.text().split('\r');
+    expect(tty.writes[0]).toBe('backup bk-0001 of vol1: switching\n');
+    expect(tty.text()).toContain('\r\x1b[K  copying\n');
+    const last = lines.at(-1)!;
+    expect(last).toBe(`copying    [${'█'.repeat(10)}${'░'.repeat(10)}]   50%  32.0 MiB/64.0 MiB  16.0 MiB/s  ETA 2s  journal 3/40 (160 KiB)  3s elapsed\x1b[K`);
+    // While switching there is nothing to measure yet.
+    expect(lines.find((l) => l.startsWith('switching'))).toBe(`switching  [${'·'.repeat(20)}]       0 B/64.0 MiB  journal 0/0 (0 B)  1s elapsed\x1b[K`);
+  });
+
+  it('draining: the bar and the rate follow journal records reaching the main target', () => {
+    const tty = terminal(120);
+    const bar = new BarView(tty);
+    bar.update(backup({ phase: 'draining', bytesCopied: 64 * MiB, journal: { records: 40, bytes: 163840, unreflected: 30 } }), t0 + 10_000);
+    bar.update(backup({ phase: 'draining', bytesCopied: 64 * MiB, journal: { records: 40, bytes: 163840, unreflected: 10 } }), t0 + 11_000);
+    expect(tty.text().split('\r').at(-1)).toBe(`draining   [${'█'.repeat(15)}${'░'.repeat(5)}]   75%  30/40 records  20 rec/s  ETA 1s  journal 10/40 (160 KiB)  11s elapsed\x1b[K`);
+    bar.finish(backup({ state: 'completed', phase: 'done', bytesCopied: 64 * MiB }));
+    expect(tty.text().endsWith('\r\x1b[K  done\n')).toBe(true);
+  });
+
+  it('drops the bar on a narrow terminal and never writes past its width', () => {
+    const tty = terminal(60);
+    new BarView(tty).update(backup({ bytesCopied: 16 * MiB, journal: { records: 123456, bytes: 5 * MiB, unreflected: 99999 } }), t0 + 1000);
+    const line = tty.text().split('\r').at(-1)!.replace('\x1b[K', '');
+    expect(line).not.toContain('[');
+    expect(line.length).toBeLessThanOrEqual(59);
+    expect(line.startsWith('copying     25%  16.0 MiB/64.0 MiB')).toBe(true);
+  });
+
+  it('plain lines: a line per phase, then progress at most once per interval, without control characters', () => {
+    const out = terminal(0);
+    const plain = new PlainView(out, 1000);
+    plain.update(backup({ bytesCopied: 0 }), t0);
+    plain.update(backup({ bytesCopied: 8 * MiB }), t0 + 500);
+    plain.update(backup({ bytesCopied: 16 * MiB }), t0 + 1000);
+    plain.update(backup({ bytesCopied: 24 * MiB }), t0 + 1500);
+    expect(out.writes).toEqual([
+      'backup bk-0001 of vol1: phase copying\n',
+      'backup bk-0001 of vol1: copying 25%, 16.0 MiB/64.0 MiB, 16.0 MiB/s, ETA 3s, journal 0/0 (0 B), elapsed 1s\n',
+    ]);
+    plain.finish(backup({ state: 'completed', phase: 'done' }));
+    expect(out.writes.at(-1)).toBe('backup bk-0001 of vol1: phase done\n');
+    expect(out.text()).not.toMatch(/[\r\x1b]/);
+  });
+
+  it('progress fields and the final summary', () => {
+    expect(progressFields(backup({ phase: 'cutover' }), {}, t0 + 65_000)).toMatchObject({ fraction: 1, rate: undefined, eta: undefined, elapsed: '1m05s' });
+    expect(progressFields(backup({ phase: 'draining', journal: { records: 0, bytes: 0, unreflected: 0 } }), {}, t0)).toMatchObject({ fraction: 1, done: '0/0 records' });
+    const done = backup({ state: 'completed', phase: 'done', bytesCopied: 64 * MiB, finishedAt: new Date(t0 + 8000).toISOString(), sha256: 'cd'.repeat(32) });
+    expect(summary(done)).toBe(`backup bk-0001 of vol1 completed in 8s: 64.0 MiB at 8.0 MiB/s, sha256 ${'cd'.repeat(32)}`);
+    expect(summary(backup({ state: 'failed', phase: 'copying', error: 'main target went away', finishedAt: new Date(t0 + 3000).toISOString() }))).toBe(
+      'backup bk-0001 of vol1 failed in phase copying after 3s: main target went away',
+    );
+    expect(summary(backup({ state: 'cancelled', phase: 'draining', finishedAt: new Date(t0 + 61_000).toISOString() }))).toBe('backup bk-0001 of vol1 cancelled in phase draining after 1m01s');
   });
 });
 

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApiServer, type RunningApiServer } from '../src/control/api-server.ts';
-import { BACKUP_PHASES, createMetrics, type DetourMetrics } from '../src/control/metrics.ts';
+import { BACKUP_PHASES, countInitiatorSessions, createMetrics, instrumentRedirects, type DetourMetrics } from '../src/control/metrics.ts';
 import { FakeEngine, recordingLogger } from './helpers/fake-engine.ts';
 
 interface Sample {
@@ -52,6 +52,9 @@ const CONTRACT_METRICS: [string, string, string[]][] = [
   ['detour_drain_bytes_total', 'counter', ['volume']],
   ['detour_cutover_pause_seconds', 'histogram', ['volume']],
   ['detour_last_backup_success_timestamp_seconds', 'gauge', ['volume']],
+  // Additions to the contract.
+  ['detour_login_redirects_total', 'counter', ['volume']],
+  ['detour_backup_progress_ratio', 'gauge', ['volume']],
 ];
 
 const READ_10 = Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
@@ -78,6 +81,8 @@ describe('metrics', () => {
     metrics.addDrained('vol1', 8192);
     metrics.observeCutover('vol1', 0.3);
     metrics.backupSucceeded('vol1', new Date('2026-11-03T12:00:00Z'));
+    metrics.loginRedirected('vol1');
+    metrics.setProgress('vol1', 8 << 20, 1 << 30);
     text = await metrics.registry.metrics();
     parsed = parseExposition(text);
   });
@@ -201,5 +206,159 @@ describe('metrics over HTTP', () => {
     expect(body).toContain('detour_sessions{volume="vol9",mode="inline"} 4\n');
     expect(body).toContain('detour_scsi_commands_total{volume="vol9",op="READ_10",status="RESERVATION_CONFLICT"} 1\n');
     expect(body).toContain('detour_scsi_command_duration_seconds_bucket{le="0.5",volume="vol9",op="READ_10"} 1\n');
+  });
+});
+
+describe('redirected sessions and redirects (proxy-directed volumes)', () => {
+  const OWN = ['iqn.2026-11.io.detour:engine', 'iqn.2026-11.io.detour:probe'];
+
+  /** A run-time volume as instrumentRedirects sees it, with a main target we script. */
+  function fakeVolume(topology: string, kind: 'tgt' | 'exec' | 'none' = 'tgt') {
+    const state = { listed: [] as { sid: string; cid: string; initiator: string; address?: string }[], lists: 0, fail: false, redirecting: true };
+    const v = {
+      name: 'pd',
+      config: { topology },
+      localAddress: '127.0.0.2',
+      control: {
+        kind,
+        listSessions: async () => {
+          state.lists++;
+          if (state.fail) throw new Error('tgtadm: connection refused');
+          return state.listed;
+        },
+      },
+      target: {
+        redirect: (_initiator: string) => (state.redirecting ? { address: '127.0.0.1:3261,1' } : undefined),
+      },
+    };
+    return { v, state };
+  }
+
+  it('counts initiator sessions on main, leaving out detour\'s own and counting a session once', () => {
+    const listed = [
+      { sid: '1', initiator: 'iqn.2026-11.test:host1', address: '127.0.0.1' },
+      { sid: '1', initiator: 'iqn.2026-11.test:host1', address: '127.0.0.1' },
+      { sid: '2', initiator: 'iqn.2026-11.test:host2' },
+      { sid: '3', initiator: 'iqn.2026-11.io.detour:engine', address: '127.0.0.2' },
+      { sid: '4', initiator: 'iqn.2026-11.test:host1', address: '127.0.0.2' },
+      { sid: '5', initiator: 'iqn.2026-11.io.detour:probe', address: '10.0.0.9' },
+    ];
+    expect(countInitiatorSessions(listed, { initiators: OWN, address: '127.0.0.2' })).toBe(2);
+    expect(countInitiatorSessions([], { initiators: OWN, address: '127.0.0.2' })).toBe(0);
+  });
+
+  it('reports the main target\'s initiator sessions as redirected, counted on scrape and cached', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('pd');
+    const { v, state } = fakeVolume('proxy-directed');
+    instrumentRedirects(m, v, OWN);
+    state.listed = [
+      { sid: '7', cid: '0', initiator: 'iqn.2026-11.test:host1', address: '127.0.0.1' },
+      { sid: '8', cid: '0', initiator: 'iqn.2026-11.test:host2', address: '127.0.0.1' },
+      { sid: '9', cid: '0', initiator: OWN[0]!, address: '127.0.0.2' },
+    ];
+    let s = parseExposition(await m.registry.metrics()).samples;
+    expect(value(s, 'detour_sessions', { volume: 'pd', mode: 'redirected' })).toBe(2);
+    expect(state.lists).toBe(1);
+    // The 1 s sampler of the sessions on detour leaves the counted value alone.
+    m.setSessions('pd', { capture: 1 });
+    state.listed = [];
+    s = parseExposition(await m.registry.metrics()).samples;
+    expect(value(s, 'detour_sessions', { volume: 'pd', mode: 'redirected' })).toBe(2);
+    expect(value(s, 'detour_sessions', { volume: 'pd', mode: 'capture' })).toBe(1);
+    // Within the cache age the main target is not asked again.
+    expect(state.lists).toBe(1);
+  });
+
+  it('asks again once the count is older than maxAgeMs; a failure keeps the last value and is reported once', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    const { v, state } = fakeVolume('proxy-directed');
+    const errors: unknown[] = [];
+    let listed = [{ sid: '1', cid: '0', initiator: 'iqn.2026-11.test:h' }];
+    state.listed = listed;
+    m.watchRedirected('pd', async () => countInitiatorSessions(await v.control.listSessions(), { initiators: OWN, address: v.localAddress }), {
+      maxAgeMs: 0,
+      onError: (e) => errors.push(e),
+    });
+    const redirected = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_sessions', { volume: 'pd', mode: 'redirected' });
+    expect(await redirected()).toBe(1);
+    listed = [...listed, { sid: '2', cid: '0', initiator: 'iqn.2026-11.test:i' }];
+    state.listed = listed;
+    expect(await redirected()).toBe(2);
+    state.fail = true;
+    expect(await redirected()).toBe(2);
+    expect(errors.map((e) => (e as Error).message)).toEqual(['tgtadm: connection refused']);
+    state.fail = false;
+    state.listed = [];
+    expect(await redirected()).toBe(0);
+  });
+
+  it('a scrape waits at most waitMs for a slow count, then serves the previous value', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    let release: (n: number) => void = () => {};
+    let calls = 0;
+    m.watchRedirected(
+      'slow',
+      () => {
+        calls++;
+        return new Promise<number>((resolve) => (release = resolve));
+      },
+      { maxAgeMs: 0, waitMs: 50 },
+    );
+    const t0 = Date.now();
+    const s = parseExposition(await m.registry.metrics()).samples;
+    expect(Date.now() - t0).toBeLessThan(1000);
+    expect(find(s, 'detour_sessions', { volume: 'slow', mode: 'redirected' })).toEqual([]);
+    // A second scrape while the count is still running does not start another one.
+    await m.registry.metrics();
+    expect(calls).toBe(1);
+    release(3);
+    await new Promise((r) => setTimeout(r, 10));
+    expect(value(parseExposition(await m.registry.metrics()).samples, 'detour_sessions', { volume: 'slow', mode: 'redirected' })).toBe(3);
+  });
+
+  it('counts the logins answered with a redirect, and only watches proxy-directed volumes that can list main', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('pd');
+    const { v, state } = fakeVolume('proxy-directed');
+    instrumentRedirects(m, v, OWN);
+    expect(v.target.redirect('iqn.2026-11.test:h')).toEqual({ address: '127.0.0.1:3261,1' });
+    expect(v.target.redirect('iqn.2026-11.test:h')).toEqual({ address: '127.0.0.1:3261,1' });
+    state.redirecting = false; // a backup in progress: logins are accepted
+    expect(v.target.redirect('iqn.2026-11.test:h')).toBeUndefined();
+    let s = parseExposition(await m.registry.metrics()).samples;
+    expect(value(s, 'detour_login_redirects_total', { volume: 'pd' })).toBe(2);
+
+    for (const [topology, kind] of [
+      ['main-directed', 'tgt'],
+      ['inline', 'tgt'],
+      ['proxy-directed', 'none'],
+    ] as const) {
+      const other = createMetrics({ defaultMetrics: false });
+      other.addVolume('pd');
+      const f = fakeVolume(topology, kind);
+      f.state.listed = [{ sid: '1', cid: '0', initiator: 'iqn.2026-11.test:h' }];
+      instrumentRedirects(other, f.v, OWN);
+      s = parseExposition(await other.registry.metrics()).samples;
+      expect(value(s, 'detour_sessions', { volume: 'pd', mode: 'redirected' }), `${topology} ${kind}`).toBe(0);
+      expect(f.state.lists, `${topology} ${kind}`).toBe(0);
+    }
+  });
+
+  it('backup progress: 0 at the switch, sampled while copying, 1 once the copy is whole', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('v');
+    const progress = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_backup_progress_ratio', { volume: 'v' });
+    expect(await progress()).toBe(0);
+    m.setPhase('v', 'switching');
+    m.setPhase('v', 'copying');
+    m.setProgress('v', 256, 1024);
+    expect(await progress()).toBe(0.25);
+    m.setProgress('v', 5, 0);
+    expect(await progress()).toBe(0.25);
+    m.setPhase('v', 'draining');
+    expect(await progress()).toBe(1);
+    m.setPhase('v', 'switching');
+    expect(await progress()).toBe(0);
   });
 });

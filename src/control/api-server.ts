@@ -106,6 +106,7 @@ export async function startApiServer(opts: ApiServerOptions): Promise<RunningApi
           }
           requireVolume(engine, name!);
           const backup = await engine.startBackup(name!, typeof label === 'string' ? { label } : {});
+          logger.info({ volume: backup.volume, backupId: backup.id, phase: backup.phase, label: backup.label }, 'backup started');
           return { status: 202, body: backup };
         },
       },
@@ -143,8 +144,10 @@ export async function startApiServer(opts: ApiServerOptions): Promise<RunningApi
         POST: async (req, [id]) => {
           // The body is optional and carries nothing yet, but it must still be well-formed.
           await readJsonObject(req);
-          if (!engine.getBackup(id!)) throw new HttpError(404, `no backup '${id}'`);
+          const backup = engine.getBackup(id!);
+          if (!backup) throw new HttpError(404, `no backup '${id}'`);
           await engine.cancelBackup(id!);
+          logger.info({ volume: backup.volume, backupId: backup.id, phase: backup.phase }, 'backup cancel requested');
           return { status: 202, body: { id, cancelRequested: true } };
         },
       },

@@ -104,6 +104,11 @@ const volume = z
     // Bytes per second the backup copy may read from the main target ("50M" = 50 MiB/s), so a
     // backup does not starve the main target's other users. Unlimited when absent.
     copyRateLimit: byteSize.optional(),
+    // Disk space the capture journal of one backup may use ("8G"). Unlimited when absent; keep it
+    // below the free space of dataDir, where a full disk is a failure, not back-pressure. The floor
+    // leaves room for the largest write detour accepts (64 MiB) twice over: a write that can never
+    // fit the journal could only be failed.
+    journalCapacity: byteSize.refine((n) => n >= 128 * 1024 ** 2, 'must be at least 128M').optional(),
   })
   .strict();
 
@@ -126,6 +131,56 @@ const schema = z
   });
 
 export type DetourConfig = z.output<typeof schema> & { backupStore: { path: string }; file: string };
+
+/**
+ * Environment variables that override keys of the config file (and of `npm start`'s embedded
+ * defaults), for service managers and containers. Their values are checked like the file's, and
+ * an error names the variable. An empty variable counts as unset.
+ */
+export const CONFIG_ENV: readonly { variable: string; key: readonly [string] | readonly [string, string] }[] = [
+  { variable: 'DETOUR_PORTAL', key: ['portal'] },
+  // Client commands read DETOUR_API as a URL; one variable serves both, so a URL is accepted here.
+  { variable: 'DETOUR_API', key: ['api'] },
+  { variable: 'DETOUR_DATA_DIR', key: ['dataDir'] },
+  { variable: 'DETOUR_BACKUP_STORE_PATH', key: ['backupStore', 'path'] },
+  { variable: 'DETOUR_TOKEN', key: ['token'] },
+];
+
+/** "http://host:port/" as the API's listen address "host:port"; other text is left to the schema. */
+function apiListenAddress(value: string, variable: string): string {
+  const v = value.trim();
+  if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(v)) return v;
+  let url: URL;
+  try {
+    url = new URL(v);
+  } catch {
+    throw new ConfigError(`${variable} (environment)`, 'api', `'${value}' is not host:port or http://host:port`);
+  }
+  if (url.protocol !== 'http:') throw new ConfigError(`${variable} (environment)`, 'api', `'${value}': detour serves its API over plain http (use host:port or http://host:port)`);
+  if (url.username || url.password || (url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
+    throw new ConfigError(`${variable} (environment)`, 'api', `'${value}' must be just http://host:port`);
+  }
+  return `${url.hostname}:${url.port || '80'}`;
+}
+
+/** The raw config with the environment's overrides applied, and which keys came from where. */
+function applyConfigEnv(raw: unknown, env: Record<string, string | undefined>): { merged: unknown; fromEnv: Map<string, string> } {
+  const fromEnv = new Map<string, string>();
+  if (raw !== undefined && raw !== null && (typeof raw !== 'object' || Array.isArray(raw))) return { merged: raw, fromEnv };
+  const merged: Record<string, unknown> = { ...(raw as Record<string, unknown> | null) };
+  for (const { variable, key } of CONFIG_ENV) {
+    const value = env[variable];
+    if (value === undefined || value === '') continue;
+    const text = variable === 'DETOUR_API' ? apiListenAddress(value, variable) : value;
+    if (key.length === 1) merged[key[0]] = text;
+    else {
+      const parent = merged[key[0]];
+      merged[key[0]] = { ...(typeof parent === 'object' && parent !== null && !Array.isArray(parent) ? parent : {}), [key[1]]: text };
+    }
+    fromEnv.set(key.join('.'), variable);
+  }
+  return { merged, fromEnv };
+}
 export type VolumeConfig = DetourConfig['volumes'][number];
 
 function keyPath(p: readonly PropertyKey[]): string {
@@ -133,11 +188,13 @@ function keyPath(p: readonly PropertyKey[]): string {
 }
 
 /**
- * Validates a parsed config object. Relative paths are resolved against the config file's
- * directory, so a config works the same whatever directory detour is started from.
+ * Validates a parsed config object, after the DETOUR_* overrides of `env` (none by default).
+ * Relative paths are resolved against the config file's directory, so a config works the same
+ * whatever directory detour is started from; paths from the environment against the current one.
  */
-export function validateConfig(raw: unknown, file: string): DetourConfig {
-  const r = schema.safeParse(raw ?? {});
+export function validateConfig(raw: unknown, file: string, env: Record<string, string | undefined> = {}): DetourConfig {
+  const { merged, fromEnv } = applyConfigEnv(raw, env);
+  const r = schema.safeParse(merged ?? {});
   if (!r.success) {
     const issue = r.error.issues[0]!;
     let p = keyPath(issue.path);
@@ -149,19 +206,21 @@ export function validateConfig(raw: unknown, file: string): DetourConfig {
     } else if (issue.code === 'invalid_type' && /received undefined/i.test(message)) {
       message = 'is required';
     }
-    throw new ConfigError(file, p, message);
+    const variable = fromEnv.get(p);
+    throw new ConfigError(variable ? `${variable} (environment)` : file, p, message);
   }
   const base = path.dirname(path.resolve(file));
-  const dataDir = path.resolve(base, r.data.dataDir);
+  const baseOf = (key: string) => (fromEnv.has(key) ? process.cwd() : base);
+  const dataDir = path.resolve(baseOf('dataDir'), r.data.dataDir);
   return {
     ...r.data,
     dataDir,
-    backupStore: { path: r.data.backupStore ? path.resolve(base, r.data.backupStore.path) : path.join(dataDir, 'backups') },
+    backupStore: { path: r.data.backupStore ? path.resolve(baseOf('backupStore.path'), r.data.backupStore.path) : path.join(dataDir, 'backups') },
     file,
   };
 }
 
-export function loadConfig(file: string): DetourConfig {
+export function loadConfig(file: string, env: Record<string, string | undefined> = process.env): DetourConfig {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
@@ -174,5 +233,5 @@ export function loadConfig(file: string): DetourConfig {
   } catch (err) {
     throw new ConfigError(file, '', `not valid YAML: ${(err as Error).message.split('\n')[0]}`);
   }
-  return validateConfig(raw, file);
+  return validateConfig(raw, file, env);
 }

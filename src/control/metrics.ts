@@ -3,6 +3,7 @@
 // prom-client objects, so label values stay consistent (SCSI op and status names come from the
 // wire package, phases and session modes from the model).
 
+import type { Logger } from 'pino';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { scsiOpName, scsiStatusName } from 'iscsi-node-wire';
 import type { BackupPhase, SessionMode } from './model.ts';
@@ -37,6 +38,10 @@ export interface DetourMetrics {
   drainBytes: Counter<VolumeLabel>;
   cutoverPause: Histogram<VolumeLabel>;
   lastBackupSuccess: Gauge<VolumeLabel>;
+  /** Logins detour answered with "target moved temporarily" (not in the contract; an addition). */
+  loginRedirects: Counter<VolumeLabel>;
+  /** Share of the volume copied by the backup in progress, or by the last one (an addition). */
+  backupProgress: Gauge<VolumeLabel>;
 
   /**
    * Publishes zero-valued series for a configured volume, so dashboards and rate() see the volume
@@ -50,11 +55,25 @@ export interface DetourMetrics {
    * byte or an scsiStatusName() name.
    */
   observeCommand(volume: string, op: Buffer | string, status: number | string, seconds: number): void;
-  /** Current session counts of a volume; modes left out are 0. */
+  /**
+   * Current session counts of a volume; modes left out are 0, except `redirected` for a volume
+   * under watchRedirected(), which keeps its last counted value.
+   */
   setSessions(volume: string, counts: Partial<Record<SessionMode, number>>): void;
+  /**
+   * Counts the volume's `redirected` sessions with `count` when /metrics is scraped, at most once
+   * every `maxAgeMs` (the count may be a slow call to the main target's control). A scrape waits
+   * at most `waitMs` for a fresh count, then serves the previous one. A failed count keeps the
+   * previous value and is reported to `onError`.
+   */
+  watchRedirected(volume: string, count: () => Promise<number>, opts?: { maxAgeMs?: number; waitMs?: number; onError?: (err: unknown) => void }): void;
+  /** One login answered with a redirect to the main target. */
+  loginRedirected(volume: string): void;
   /** The phase of the backup in progress, or undefined when the volume has none. */
   setPhase(volume: string, phase: BackupPhase | undefined): void;
   setBytesTotal(volume: string, bytes: number): void;
+  /** Bytes copied so far by the backup in progress, of its total: detour_backup_progress_ratio. */
+  setProgress(volume: string, copied: number, total: number): void;
   addCopied(volume: string, bytes: number): void;
   setJournal(volume: string, journal: { records: number; bytes: number; unreflected: number }): void;
   addDrained(volume: string, bytes: number): void;
@@ -68,11 +87,13 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
   if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry });
   const registers = [registry];
 
-  const sessions = new Gauge({
+  const watched = new Map<string, RedirectWatch>();
+  const sessions: Gauge<'volume' | 'mode'> = new Gauge({
     name: 'detour_sessions',
-    help: 'iSCSI sessions of the volume, by how detour handles them (redirected, inline, capture)',
+    help: 'iSCSI sessions of the volume: redirected = its initiators on the main target after a redirect by detour; inline and capture = on detour',
     labelNames: ['volume', 'mode'] as const,
     registers,
+    collect: () => refreshRedirected(),
   });
   const scsiCommands = new Counter({
     name: 'detour_scsi_commands_total',
@@ -142,6 +163,50 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     labelNames: ['volume'] as const,
     registers,
   });
+  const loginRedirects = new Counter({
+    name: 'detour_login_redirects_total',
+    help: 'Logins detour answered with "target moved temporarily" to the main target',
+    labelNames: ['volume'] as const,
+    registers,
+  });
+
+  const backupProgress = new Gauge({
+    name: 'detour_backup_progress_ratio',
+    help: 'Share (0 to 1) of the volume copied by the backup in progress, or by the last one',
+    labelNames: ['volume'] as const,
+    registers,
+  });
+
+  /** Starts the counts that are due, and waits a little for them: a scrape must stay quick. */
+  async function refreshRedirected(): Promise<void> {
+    const waits: Promise<void>[] = [];
+    let waitMs = 0;
+    for (const [volume, w] of watched) {
+      if (!w.pending && Date.now() - w.at >= w.maxAgeMs) {
+        w.pending = w
+          .count()
+          .then(
+            (n) => {
+              w.value = level(n);
+              if (watched.get(volume) === w) sessions.set({ volume, mode: 'redirected' }, w.value);
+            },
+            (err: unknown) => w.onError?.(err),
+          )
+          .finally(() => {
+            w.at = Date.now();
+            w.pending = undefined;
+          });
+      }
+      if (w.pending) {
+        waits.push(w.pending);
+        waitMs = Math.max(waitMs, w.waitMs);
+      }
+    }
+    if (waits.length === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.allSettled(waits), new Promise<void>((resolve) => (timer = setTimeout(resolve, waitMs)))]);
+    clearTimeout(timer);
+  }
 
   // Byte counters only ever grow; a negative or non-finite amount is a caller bug that must not
   // make prom-client throw inside the data path.
@@ -150,9 +215,15 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
 
   const setPhase = (volume: string, phase: BackupPhase | undefined) => {
     for (const p of BACKUP_PHASES) backupPhase.set({ volume, phase: p }, p === phase ? 1 : 0);
+    // The copy starts with the switch and is whole once the drain begins.
+    if (phase === 'switching') backupProgress.set({ volume }, 0);
+    else if (phase === 'draining' || phase === 'cutover' || phase === 'done') backupProgress.set({ volume }, 1);
   };
   const setSessions = (volume: string, counts: Partial<Record<SessionMode, number>>) => {
-    for (const mode of SESSION_MODES) sessions.set({ volume, mode }, level(counts[mode] ?? 0));
+    for (const mode of SESSION_MODES) {
+      const kept = mode === 'redirected' ? watched.get(volume)?.value : undefined;
+      sessions.set({ volume, mode }, level(counts[mode] ?? kept ?? 0));
+    }
   };
   const setJournal = (volume: string, j: { records: number; bytes: number; unreflected: number }) => {
     journalRecords.set({ volume }, level(j.records));
@@ -174,6 +245,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     drainBytes,
     cutoverPause,
     lastBackupSuccess,
+    loginRedirects,
+    backupProgress,
 
     addVolume(volume) {
       setSessions(volume, {});
@@ -182,8 +255,11 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       backupBytesTotal.set({ volume }, 0);
       setJournal(volume, { records: 0, bytes: 0, unreflected: 0 });
       drainBytes.inc({ volume }, 0);
+      loginRedirects.inc({ volume }, 0);
+      backupProgress.set({ volume }, 0);
     },
     async removeVolume(volume) {
+      watched.delete(volume);
       const all: LabelledMetric[] = [
         sessions,
         scsiCommands,
@@ -197,6 +273,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
         drainBytes,
         cutoverPause,
         lastBackupSuccess,
+        loginRedirects,
+        backupProgress,
       ];
       // prom-client's remove() takes a full label set, so go through the series that exist.
       for (const metric of all) await removeSeriesOf(metric, volume);
@@ -208,9 +286,18 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       if (Number.isFinite(seconds) && seconds >= 0) scsiCommandDuration.observe({ volume, op: opName }, seconds);
     },
     setSessions,
+    watchRedirected(volume, count, o = {}) {
+      watched.set(volume, { count, maxAgeMs: o.maxAgeMs ?? 5_000, waitMs: o.waitMs ?? 3_000, onError: o.onError, at: 0, value: 0 });
+    },
+    loginRedirected(volume) {
+      loginRedirects.inc({ volume });
+    },
     setPhase,
     setBytesTotal(volume, bytes) {
       backupBytesTotal.set({ volume }, level(bytes));
+    },
+    setProgress(volume, copied, total) {
+      if (Number.isFinite(copied) && Number.isFinite(total) && total > 0) backupProgress.set({ volume }, Math.min(1, Math.max(0, copied / total)));
     },
     addCopied(volume, bytes) {
       backupBytesCopied.inc({ volume }, amount(bytes));
@@ -227,6 +314,87 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       lastBackupSuccess.set({ volume }, ms / 1000);
     },
   };
+}
+
+interface RedirectWatch {
+  count: () => Promise<number>;
+  maxAgeMs: number;
+  waitMs: number;
+  onError?: (err: unknown) => void;
+  /** When the last count ended (0: never). */
+  at: number;
+  value: number;
+  pending?: Promise<void>;
+}
+
+/** A session on the main target as a control adapter lists it (one entry per connection). */
+export interface ListedMainSession {
+  sid: string;
+  initiator: string;
+  address?: string;
+}
+
+/**
+ * Initiator sessions on the main target, leaving out detour's own: its engine and probe sessions
+ * (by InitiatorName) and the backend sessions it opens in initiators' names during a backup (they
+ * come from detour's own address). Connections of one session count once.
+ */
+export function countInitiatorSessions(listed: ListedMainSession[], detour: { initiators: readonly string[]; address: string }): number {
+  const sids = new Set<string>();
+  for (const s of listed) {
+    if (detour.initiators.includes(s.initiator)) continue;
+    if (s.address !== undefined && s.address === detour.address) continue;
+    sids.add(s.sid);
+  }
+  return sids.size;
+}
+
+/** The parts of a run-time volume that the redirect metrics need. */
+export interface RedirectingVolume {
+  name: string;
+  config: { topology: string };
+  control: { kind: string; listSessions(): Promise<ListedMainSession[]> };
+  /** The address detour's own connections to the main target come from. */
+  localAddress: string;
+  target: { redirect?(initiatorName: string): { address: string; permanent?: boolean } | undefined };
+}
+
+/**
+ * `redirected` sessions and redirect counts of a proxy-directed volume. Its initiators are set up
+ * with detour's portal, so every initiator session on the main target got there through a
+ * redirect answered by detour: the gauge is the number of such sessions in the control adapter's
+ * list of main's sessions. Volumes of other topologies, and control `none` (which cannot list),
+ * report 0 redirected; main-directed initiators reach the main target without detour.
+ */
+export function instrumentRedirects(m: DetourMetrics, v: RedirectingVolume, detourInitiators: readonly string[], log?: Logger): void {
+  if (v.config.topology !== 'proxy-directed') return;
+  const decide = v.target.redirect?.bind(v.target);
+  if (decide) {
+    // Counted where the answer is decided, so the front end needs no knowledge of metrics.
+    v.target.redirect = (initiatorName) => {
+      const moved = decide(initiatorName);
+      if (moved) m.loginRedirected(v.name);
+      return moved;
+    };
+  }
+  if (v.control.kind === 'none') return;
+  let failing = false;
+  m.watchRedirected(
+    v.name,
+    async () => {
+      const n = countInitiatorSessions(await v.control.listSessions(), { initiators: detourInitiators, address: v.localAddress });
+      if (failing) log?.info({ volume: v.name }, "main target's session list readable again");
+      failing = false;
+      return n;
+    },
+    {
+      onError: (err) => {
+        // Once per run of failures: a scrape every few seconds must not flood the log.
+        if (!failing) log?.warn({ volume: v.name, err: (err as Error).message }, "cannot list the main target's sessions; detour_sessions{mode=\"redirected\"} keeps its last value");
+        failing = true;
+      },
+    },
+  );
 }
 
 interface LabelledMetric {

@@ -1,7 +1,8 @@
 import type { Logger } from 'pino';
 import { formatPortal, InitiatorSession, parseTargetAddress } from '../back/index.ts';
 import { Portal } from '../front/portal.ts';
-import type { BackupRun, BackupRunOptions } from '../capture/backup-run.ts';
+import type { BackupRunOptions } from '../capture/backup-run.ts';
+import { DETOUR_INITIATOR } from '../capture/backup-run.ts';
 import { Engine, type EngineHooks } from '../capture/engine.ts';
 import { Volume } from '../capture/volume.ts';
 import { ExecControl, NoControl, TgtControl, type MainTargetControl } from '../switch/main-control.ts';
@@ -9,9 +10,9 @@ import type { Command } from './cli.ts';
 import { UsageError } from './cli.ts';
 import { parseCommandArgs } from './args.ts';
 import { ConfigError, loadConfig, type DetourConfig, type VolumeConfig } from './config.ts';
-import { createLogger } from './logger.ts';
+import { createLogger, LOG_HELP, LOG_OPTIONS, resolveLogSettings } from './logger.ts';
 import { isLoopbackHost, startApiServer, type RunningApiServer } from './api-server.ts';
-import { createMetrics, type DetourMetrics } from './metrics.ts';
+import { createMetrics, instrumentRedirects, type DetourMetrics } from './metrics.ts';
 
 /** Our own name when we only look at the main target (discovery of its portal group tag). */
 const PROBE_INITIATOR = 'iqn.2026-11.io.detour:probe';
@@ -62,16 +63,21 @@ export async function startProxy(config: DetourConfig, log: Logger, opts: { hook
     const tpgt = await mainPortalGroupTag(v, localAddress, log);
     volumes.set(v.name, new Volume(v, makeControl(v), localAddress, tpgt, log));
   }
+  const engine = new Engine(volumes, { dataDir: config.dataDir, storePath: config.backupStore.path, logger: log, hooks: opts.hooks, run: opts.run });
+  await engine.refreshCatalog();
+  // Before listening: an initiator of a volume whose backup was interrupted reconnects as soon as
+  // the portal is up, and must find that volume held for the backup, not redirected to main.
+  await engine.findInterrupted();
   const portal = new Portal({ host: config.portal.host, port: config.portal.port, logger: log, targets: [...volumes.values()].map((v) => v.target) });
   await portal.listen();
   for (const v of volumes.values()) v.portal = portal;
-  const engine = new Engine(volumes, { dataDir: config.dataDir, storePath: config.backupStore.path, logger: log, hooks: opts.hooks, run: opts.run });
-  await engine.refreshCatalog();
+  engine.resumeInterrupted();
   return {
     portal,
     engine,
     volumes,
     async close() {
+      await engine.suspendAll();
       await portal.close();
       await Promise.allSettled([...volumes.values()].map((v) => v.close()));
     },
@@ -98,28 +104,25 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
     const here = v.frontSessions().length;
     m.setSessions(v.name, v.capture ? { capture: here } : { inline: here });
     const j = running.get(v.name)?.journal;
-    if (j) m.setJournal(v.name, { records: j.records, bytes: j.bytes, unreflected: j.unreflected });
+    // A journal lives as long as its backup: none running, nothing journaled. Records are those
+    // of this backup; unreflected ones are not yet on the main target (Journal.unreflected counts
+    // records not yet in the snapshot map, which is another thing).
+    m.setJournal(v.name, j ? { records: j.lastSeq, bytes: j.bytes, unreflected: j.lastSeq - j.drainedSeq } : { records: 0, bytes: 0, unreflected: 0 });
+    const r = running.get(v.name);
+    if (r?.phase === 'copying') m.setProgress(v.name, r.bytesCopied, r.bytesTotal);
   }
 }
 
 /**
- * A backup in progress holds acknowledged writes that are only in its journal, and its initiators
- * are on detour (for main-directed, the main target still redirects them here). Closing without a
- * word would strand them: cancel the backups, which drains every journal to the main target and
- * hands the sessions back, and wait for that.
+ * Shutdown with backups in progress: their initiators are on detour and their writes since the
+ * freeze are only in the journals. Each backup is parked (commands executing finish, new ones are
+ * held unanswered, journal and store closed durably, its record kept in the data directory) and
+ * NOT handed back: the next `detour serve` with the same configuration takes it up where it was,
+ * and the initiators reconnect to it. Handing back would instead mean draining every journal to
+ * main first, which can take far longer than a service manager waits for a stop.
  */
-export async function cancelRunningBackups(proxy: RunningProxy, log: Logger): Promise<void> {
-  const told = new Set<BackupRun>();
-  for (let runs = proxy.engine.activeRuns(); runs.length > 0; runs = proxy.engine.activeRuns()) {
-    const fresh = runs.filter((r) => !told.has(r));
-    if (fresh.length) log.info({ backups: fresh.map((r) => r.id) }, 'cancelling backups in progress: draining their journals and handing the sessions back');
-    for (const r of fresh) {
-      told.add(r);
-      r.cancel();
-    }
-    // A run still preparing has no `done` of its own yet: look again shortly.
-    await Promise.race([Promise.allSettled(runs.map((r) => r.done)), new Promise((resolve) => setTimeout(resolve, 200))]);
-  }
+export async function suspendRunningBackups(proxy: RunningProxy): Promise<void> {
+  await proxy.engine.suspendAll();
 }
 
 export interface RunningServer {
@@ -142,6 +145,7 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
     throw err;
   }
   for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
+  for (const v of proxy.volumes.values()) instrumentRedirects(metrics, v, [DETOUR_INITIATOR, PROBE_INITIATOR], log);
   const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
   gauges.unref();
   log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
@@ -151,7 +155,7 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
     metrics,
     async close() {
       clearInterval(gauges);
-      await cancelRunningBackups(proxy, log);
+      await suspendRunningBackups(proxy);
       await api.close();
       await proxy.close();
     },
@@ -159,11 +163,12 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
 }
 
 export const serveCommand: Command = async (argv) => {
-  const { values, positionals } = parseCommandArgs(argv, { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' } });
+  const { values, positionals } = parseCommandArgs(argv, { config: { type: 'string', short: 'c' }, help: { type: 'boolean', short: 'h' }, ...LOG_OPTIONS });
   if (values.help) {
-    process.stdout.write('usage: detour serve --config FILE\n');
+    process.stdout.write(`usage: detour serve --config FILE [--log-level L] [--log-format json|pretty]\n${LOG_HELP}\n`);
     return 0;
   }
+  const logSettings = resolveLogSettings(values);
   if (positionals.length) throw new UsageError(`unexpected argument '${positionals[0]}'`);
   if (!values.config) throw new UsageError('--config FILE is required');
   let config: DetourConfig;
@@ -177,10 +182,10 @@ export const serveCommand: Command = async (argv) => {
     throw err;
   }
   if (!config.token && (!isLoopbackHost(config.portal.host) || !isLoopbackHost(config.api.host))) {
-    process.stderr.write(`detour serve: ${config.file}: token: required when the portal or the API listens on a non-loopback address\n`);
+    process.stderr.write(`detour serve: ${config.file}: token: required when the portal or the API listens on a non-loopback address (set token, or DETOUR_TOKEN)\n`);
     return 1;
   }
-  const log = createLogger('detour');
+  const log = createLogger('detour', logSettings);
   let server: RunningServer;
   try {
     server = await startServer(config, log);

@@ -7,12 +7,16 @@ import { EmbeddedTarget } from '../scsi/embedded-target.ts';
 import type { Command } from './cli.ts';
 import { UsageError } from './cli.ts';
 import { parseCommandArgs } from './args.ts';
-import { validateConfig } from './config.ts';
-import { createLogger } from './logger.ts';
-import { startServer } from './serve.ts';
+import { formatPortal } from '../back/index.ts';
+import { ConfigError, CONFIG_ENV, validateConfig, type DetourConfig } from './config.ts';
+import { createLogger, LOG_HELP, LOG_OPTIONS, resolveLogSettings } from './logger.ts';
+import { isLoopbackHost } from './api-server.ts';
+import { startServer, type RunningServer } from './serve.ts';
 import { TargetControlServer } from './target-control.ts';
 
 const EMBEDDED_IQN = 'iqn.2026-11.io.detour:main';
+const MAIN_HOST = '127.0.0.1';
+const MAIN_PORT = 3261;
 const VOLUME = 'vol1';
 const GiB = 1024 ** 3;
 
@@ -24,30 +28,26 @@ function shellQuote(s: string): string {
  * `npm start`: the whole product on embedded defaults, no config and no system packages. An
  * embedded file-backed main target (1 GiB sparse under ./data) on 127.0.0.1:3261, detour on
  * 127.0.0.2:3260 in proxy-directed topology driving that target through its control socket, the
- * API on 127.0.0.1:9270 and the backup store in ./data/backups.
+ * API on 127.0.0.1:9270 and the backup store in ./data/backups. The DETOUR_* variables of
+ * `serve` override these defaults (except the embedded target's own address).
  */
 export const startCommand: Command = async (argv) => {
-  const { values, positionals } = parseCommandArgs(argv, { 'data-dir': { type: 'string', default: './data' } });
+  const { values, positionals } = parseCommandArgs(argv, { 'data-dir': { type: 'string' }, help: { type: 'boolean', short: 'h' }, ...LOG_OPTIONS });
+  if (values.help) {
+    process.stdout.write(
+      `usage: detour start [--data-dir DIR] [--log-level L] [--log-format json|pretty]\n` +
+        `  --data-dir DIR    where the embedded image, journals and backups go (default $DETOUR_DATA_DIR, else ./data)\n${LOG_HELP}\n`,
+    );
+    return 0;
+  }
   if (positionals.length) throw new UsageError(`unexpected argument '${positionals[0]}'`);
-  const dataDir = path.resolve(values['data-dir']!);
-  fs.mkdirSync(dataDir, { recursive: true });
-  const log = createLogger('detour');
+  const logSettings = resolveLogSettings(values);
+  // The flag wins over DETOUR_DATA_DIR; either is relative to the current directory.
+  const env = { ...process.env };
+  const dataDir = path.resolve(values['data-dir'] ?? (env.DETOUR_DATA_DIR || './data'));
+  delete env.DETOUR_DATA_DIR;
   const image = path.join(dataDir, 'main.img');
   const socket = path.join(dataDir, 'main-target.sock');
-
-  const device = new EmbeddedTarget({ targetName: EMBEDDED_IQN, luns: [{ lun: 0, file: image, size: GiB }] });
-  await device.open();
-  const target = { name: EMBEDDED_IQN, portalGroupTag: 1, device };
-  const mainPortal = new Portal({ host: '127.0.0.1', port: 3261, logger: log.child({ component: 'embedded-target' }), targets: [target] });
-  const control = new TargetControlServer(mainPortal, target);
-  try {
-    await mainPortal.listen();
-    await control.listen(socket);
-  } catch (err) {
-    await device.close();
-    process.stderr.write(`detour start: cannot start the embedded target on 127.0.0.1:3261: ${(err as Error).message}\n`);
-    return 1;
-  }
 
   // detour drives the embedded target exactly as it would drive any main target with `exec`.
   const bin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../bin/detour.js');
@@ -61,7 +61,7 @@ export const startCommand: Command = async (argv) => {
       {
         name: VOLUME,
         target: EMBEDDED_IQN,
-        main: '127.0.0.1:3261',
+        main: `${MAIN_HOST}:${MAIN_PORT}`,
         topology: 'proxy-directed',
         control: {
           type: 'exec',
@@ -75,39 +75,79 @@ export const startCommand: Command = async (argv) => {
     ],
   };
   const configFile = path.join(dataDir, 'detour.yaml');
-  fs.writeFileSync(configFile, `# Written by \`detour start\`: the embedded defaults, for reference.\n${YAML.stringify(raw)}`);
-  const config = validateConfig(raw, configFile);
-  let server;
+  let config: DetourConfig;
+  try {
+    config = validateConfig(raw, configFile, env);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    process.stderr.write(`detour start: ${err.message}\n`);
+    return 1;
+  }
+  if (!config.token && (!isLoopbackHost(config.portal.host) || !isLoopbackHost(config.api.host))) {
+    process.stderr.write('detour start: token: required when the portal or the API listens on a non-loopback address (set DETOUR_TOKEN)\n');
+    return 1;
+  }
+  fs.mkdirSync(dataDir, { recursive: true });
+  const overrides = CONFIG_ENV.filter((o) => env[o.variable]).map((o) => o.variable);
+  // The embedded defaults, for reference; a token from the environment is never written to disk.
+  fs.writeFileSync(
+    configFile,
+    `# Written by \`detour start\`: the embedded defaults, for reference.\n` +
+      (overrides.length ? `# Overridden from the environment: ${overrides.join(', ')}.\n` : '') +
+      YAML.stringify(raw),
+  );
+  const log = createLogger('detour', logSettings);
+
+  const device = new EmbeddedTarget({ targetName: EMBEDDED_IQN, luns: [{ lun: 0, file: image, size: GiB }] });
+  await device.open();
+  const target = { name: EMBEDDED_IQN, portalGroupTag: 1, device };
+  const mainPortal = new Portal({ host: MAIN_HOST, port: MAIN_PORT, logger: log.child({ component: 'embedded-target' }), targets: [target] });
+  const control = new TargetControlServer(mainPortal, target);
+  try {
+    await mainPortal.listen();
+    await control.listen(socket);
+  } catch (err) {
+    await mainPortal.close().catch(() => {});
+    await device.close();
+    process.stderr.write(`detour start: cannot start the embedded target on ${MAIN_HOST}:${MAIN_PORT}: ${(err as Error).message}\n`);
+    return 1;
+  }
+
+  let server: RunningServer;
   try {
     server = await startServer(config, log);
   } catch (err) {
     await control.close();
     await mainPortal.close();
     await device.close();
+    fs.rmSync(socket, { force: true });
     process.stderr.write(`detour start: cannot start detour: ${(err as Error).message}\n`);
     return 1;
   }
+  const portal = formatPortal(config.portal);
+  const api = `http://${formatPortal(config.api)}`;
 
   process.stderr.write(
     [
       '',
       'detour is running on embedded defaults.',
-      `  main target (embedded): ${EMBEDDED_IQN} on 127.0.0.1:3261, 1 GiB sparse image ${image}`,
-      `  detour portal:          127.0.0.2:3260 (proxy-directed: logins are redirected to the main target outside a backup)`,
-      `  API and metrics:        http://127.0.0.1:9270  (/metrics, /v1/volumes, /v1/backups)`,
+      `  main target (embedded): ${EMBEDDED_IQN} on ${MAIN_HOST}:${MAIN_PORT}, 1 GiB sparse image ${image}`,
+      `  detour portal:          ${portal} (proxy-directed: logins are redirected to the main target outside a backup)`,
+      `  API and metrics:        ${api}  (/metrics, /v1/volumes, /v1/backups)${config.token ? ', bearer token from DETOUR_TOKEN' : ''}`,
       `  backup store:           ${config.backupStore.path}`,
       '',
       'Connect an initiator to detour:',
-      '  iscsi-ls -s iscsi://127.0.0.2:3260',
-      '  iscsiadm -m discovery -t sendtargets -p 127.0.0.2:3260',
-      `  qemu-img info iscsi://127.0.0.2:3260/${EMBEDDED_IQN}/0`,
-      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' iscsi://127.0.0.2:3260/${EMBEDDED_IQN}/0`,
+      `  iscsi-ls -s iscsi://${portal}`,
+      `  iscsiadm -m discovery -t sendtargets -p ${portal}`,
+      `  qemu-img info iscsi://${portal}/${EMBEDDED_IQN}/0`,
+      `  qemu-io -f raw -c 'write -P 0x5a 0 1M' iscsi://${portal}/${EMBEDDED_IQN}/0`,
       '',
       'Take a backup and restore it:',
       `  npx detour backup start ${VOLUME} --wait`,
       '  npx detour backup list',
-      '  npx detour restore <ID> --to-file /tmp/restored.img',
+      `  npx detour restore <ID> --to-file /tmp/restored.img${config.backupStore.path === path.join(path.resolve('data'), 'backups') ? '' : ` --store ${config.backupStore.path}`}`,
       '',
+      logSettings.format === 'json' ? 'Logs are JSON lines on stdout; --log-format pretty (or DETOUR_LOG_FORMAT=pretty) reads better on a terminal.' : 'Logs are on stdout.',
       'Ctrl-C stops everything.',
       '',
     ].join('\n'),
@@ -117,6 +157,13 @@ export const startCommand: Command = async (argv) => {
     process.once('SIGTERM', () => resolve());
   });
   log.info('shutting down');
+  // A second signal stops at once; the journals of unfinished backups stay in the data directory.
+  const force = () => {
+    log.warn('second signal: stopping now; journals of unfinished backups stay in the data directory');
+    process.exit(1);
+  };
+  process.once('SIGINT', force);
+  process.once('SIGTERM', force);
   await server.close();
   await control.close();
   await mainPortal.close();

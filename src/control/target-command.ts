@@ -3,12 +3,12 @@ import path from 'node:path';
 import type { Command } from './cli.ts';
 import { UsageError } from './cli.ts';
 import { parseCommandArgs, parseHostPort, parseSize } from './args.ts';
-import { createLogger } from './logger.ts';
+import { createLogger, LOG_HELP, LOG_OPTIONS, resolveLogSettings } from './logger.ts';
 import { EmbeddedTarget } from '../scsi/embedded-target.ts';
 import { Portal } from '../front/portal.ts';
 import { TargetControlServer } from './target-control.ts';
 
-export const TARGET_USAGE = 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN] [--lun 0] [--block-size 512] [--control-socket PATH]';
+export const TARGET_USAGE = 'target --file IMG [--size 1G] [--listen 127.0.0.1:3261] [--iqn IQN] [--lun 0] [--block-size 512] [--control-socket PATH] [--log-level L] [--log-format json|pretty]';
 
 /** An IQN derived from the image name, so the same image keeps the same target name. */
 export function defaultIqn(file: string): string {
@@ -32,11 +32,13 @@ export const targetCommand: Command = async (argv) => {
     'block-size': { type: 'string', default: '512' },
     'control-socket': { type: 'string' },
     help: { type: 'boolean', short: 'h' },
+    ...LOG_OPTIONS,
   });
   if (values.help) {
-    process.stdout.write(`usage: detour ${TARGET_USAGE}\n`);
+    process.stdout.write(`usage: detour ${TARGET_USAGE}\n${LOG_HELP}\n`);
     return 0;
   }
+  const logSettings = resolveLogSettings(values);
   if (positionals.length) throw new UsageError(`unexpected argument '${positionals[0]}'`);
   if (!values.file) throw new UsageError('--file IMG is required');
   const file = path.resolve(values.file);
@@ -53,7 +55,7 @@ export const targetCommand: Command = async (argv) => {
   if (exists && fs.statSync(file).isDirectory()) throw new UsageError(`--file: ${file} is a directory`);
   if (size !== undefined && size % blockSize !== 0) throw new UsageError(`--size: ${size} bytes is not a multiple of the ${blockSize}-byte block`);
 
-  const log = createLogger('detour-target');
+  const log = createLogger('detour-target', logSettings);
   const device = new EmbeddedTarget({ targetName: iqn, luns: [{ lun, file, size, blockSize }] });
   await device.open();
   const target = { name: iqn, portalGroupTag: 1, device };

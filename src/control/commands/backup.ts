@@ -19,8 +19,9 @@ const HELP = `usage: detour backup start VOLUME [--label TEXT] [--wait] [--json]
 
   start     start a backup of VOLUME; prints its id (or the backup object with --json)
               --label TEXT   free text stored with the backup
-              --wait         return when the backup ends: a progress bar on a terminal,
-                             plain progress lines otherwise
+              --wait         return when the backup ends: a progress bar on a terminal
+                             (phase, bytes or journal records done, rate, ETA, journal
+                             depth, elapsed time), plain progress lines otherwise
               --poll DUR     how often --wait asks for progress (default 500ms)
   list      every backup detour knows
   show      one backup
@@ -127,21 +128,28 @@ async function startBackup(argv: string[]): Promise<number> {
   return final.state === 'completed' ? 0 : 1;
 }
 
-function summary(b: BackupObject): string {
+/** The line --wait prints on stdout at the end (without --json). */
+export function summary(b: BackupObject): string {
+  const t = b.finishedAt ? (Date.parse(b.finishedAt) - Date.parse(b.startedAt)) / 1000 : NaN;
+  const took = Number.isFinite(t) && t >= 0 ? t : undefined;
+  const after = took === undefined ? '' : ` after ${formatDuration(took)}`;
   switch (b.state) {
-    case 'completed':
-      return `backup ${b.id} of ${b.volume} completed: ${formatBytes(b.bytesTotal)}, sha256 ${b.sha256 ?? '-'}`;
+    case 'completed': {
+      const inTime = took === undefined ? '' : ` in ${formatDuration(took)}`;
+      const avg = took !== undefined && took > 0 ? ` at ${formatBytes(b.bytesTotal / took)}/s` : '';
+      return `backup ${b.id} of ${b.volume} completed${inTime}: ${formatBytes(b.bytesTotal)}${avg}, sha256 ${b.sha256 ?? '-'}`;
+    }
     case 'failed':
-      return `backup ${b.id} of ${b.volume} failed in phase ${b.phase}: ${b.error ?? 'no reason given'}`;
+      return `backup ${b.id} of ${b.volume} failed in phase ${b.phase}${after}: ${b.error ?? 'no reason given'}`;
     case 'cancelled':
-      return `backup ${b.id} of ${b.volume} cancelled in phase ${b.phase}`;
+      return `backup ${b.id} of ${b.volume} cancelled in phase ${b.phase}${after}`;
     default:
       return `backup ${b.id} of ${b.volume} is ${b.state} (phase ${b.phase})`;
   }
 }
 
 /** What --wait shows while it polls. */
-interface ProgressView {
+export interface ProgressView {
   update(b: BackupObject, now: number): void;
   /** Called once with the final object, before the command prints its result. */
   finish(b: BackupObject): void;
@@ -176,64 +184,135 @@ async function waitForBackup(client: ApiClient, started: BackupObject, opts: { p
   }
 }
 
-/** Copy rate over the last few seconds, so the ETA follows changes in throughput. */
-class RateMeter {
-  #samples: { t: number; bytes: number }[] = [];
+/** Rate of a growing count over the last few seconds, so the ETA follows changes in throughput. */
+export class RateMeter {
+  #samples: { t: number; n: number }[] = [];
   constructor(private readonly windowMs = 10_000) {}
 
-  add(t: number, bytes: number): void {
+  add(t: number, n: number): void {
     const last = this.#samples.at(-1);
-    // A copy that restarts (or a new phase that resets the count) starts a new window.
-    if (last && bytes < last.bytes) this.#samples = [];
-    this.#samples.push({ t, bytes });
+    // A count that goes back (a copy that restarts, a new phase) starts a new window.
+    if (last && n < last.n) this.#samples = [];
+    this.#samples.push({ t, n });
     while (this.#samples.length > 2 && t - this.#samples[0]!.t > this.windowMs) this.#samples.shift();
   }
 
-  /** Bytes per second, or undefined until there is half a second of history. */
+  reset(): void {
+    this.#samples = [];
+  }
+
+  /** Units per second, or undefined until there is half a second of history. */
   rate(): number | undefined {
     const first = this.#samples[0];
     const last = this.#samples.at(-1);
     if (!first || !last || last.t - first.t < 500) return undefined;
-    return ((last.bytes - first.bytes) * 1000) / (last.t - first.t);
+    return ((last.n - first.n) * 1000) / (last.t - first.t);
   }
 }
 
-function progressFields(b: BackupObject, rate: number | undefined) {
-  const pct = b.bytesTotal > 0 ? Math.min(100, (b.bytesCopied / b.bytesTotal) * 100) : 0;
-  const remaining = Math.max(0, b.bytesTotal - b.bytesCopied);
-  const eta = b.phase === 'copying' && rate !== undefined && rate > 0 ? formatDuration(remaining / rate) : undefined;
-  return {
-    pct,
-    copied: `${formatBytes(b.bytesCopied)}/${formatBytes(b.bytesTotal)}`,
-    // Only the copy moves bytesCopied; outside it an old rate would mislead.
-    rate: rate === undefined || b.phase !== 'copying' ? undefined : `${formatBytes(rate)}/s`,
-    eta,
-    // Journal depth: records still to reach the main target, of all records journaled.
-    journal: `journal ${b.journal.unreflected}/${b.journal.records}`,
+export interface ProgressFields {
+  /** How far the current phase is, 0..1; undefined while it cannot be told (switching). */
+  fraction: number | undefined;
+  /** What the fraction counts: "1.2 GiB/4.0 GiB" while copying, "12/52 records" while draining. */
+  done: string;
+  rate: string | undefined;
+  eta: string | undefined;
+  /** Journal depth: records not yet on the main target, of all records, and the journal's bytes. */
+  journal: string;
+  elapsed: string;
+}
+
+/**
+ * Figures for one progress line. The copy moves bytesCopied; the drain moves journal records to
+ * the main target, so while draining the bar, rate and ETA are about records.
+ */
+export function progressFields(b: BackupObject, rates: { copy?: number; drain?: number }, now: number): ProgressFields {
+  const { records, unreflected, bytes } = b.journal;
+  const elapsedS = (now - Date.parse(b.startedAt)) / 1000;
+  const f: ProgressFields = {
+    fraction: undefined,
+    done: `${formatBytes(b.bytesCopied)}/${formatBytes(b.bytesTotal)}`,
+    rate: undefined,
+    eta: undefined,
+    journal: `journal ${unreflected}/${records} (${formatBytes(bytes)})`,
+    elapsed: formatDuration(Math.max(0, elapsedS)),
   };
+  switch (b.phase) {
+    case 'copying': {
+      f.fraction = b.bytesTotal > 0 ? Math.min(1, b.bytesCopied / b.bytesTotal) : 0;
+      if (rates.copy !== undefined && rates.copy > 0) {
+        f.rate = `${formatBytes(rates.copy)}/s`;
+        f.eta = formatDuration(Math.max(0, b.bytesTotal - b.bytesCopied) / rates.copy);
+      }
+      break;
+    }
+    case 'draining': {
+      f.fraction = records > 0 ? Math.min(1, (records - unreflected) / records) : 1;
+      f.done = `${records - unreflected}/${records} records`;
+      if (rates.drain !== undefined && rates.drain > 0) {
+        f.rate = `${rates.drain >= 10 ? rates.drain.toFixed(0) : rates.drain.toFixed(1)} rec/s`;
+        f.eta = formatDuration(unreflected / rates.drain);
+      }
+      break;
+    }
+    case 'cutover':
+    case 'done':
+      f.fraction = 1;
+      break;
+    case 'switching':
+      break;
+  }
+  return f;
+}
+
+/** Copy and drain rates from successive backup objects. */
+class Meters {
+  readonly copy = new RateMeter();
+  readonly drain = new RateMeter();
+  #phase: string | undefined;
+  add(b: BackupObject, now: number): { copy?: number; drain?: number } {
+    // Each phase is measured from its own start: time spent switching is not copy time.
+    if (b.phase !== this.#phase) {
+      this.copy.reset();
+      this.drain.reset();
+      this.#phase = b.phase;
+    }
+    this.copy.add(now, b.bytesCopied);
+    this.drain.add(now, b.journal.records - b.journal.unreflected);
+    // Only the current phase's rate means anything: an old copy rate would mislead while draining.
+    return b.phase === 'copying' ? { copy: this.copy.rate() } : b.phase === 'draining' ? { drain: this.drain.rate() } : {};
+  }
+}
+
+/** The parts of a terminal stream the bar uses. */
+export interface TerminalLike {
+  write(text: string): unknown;
+  columns?: number;
 }
 
 /** A single redrawn line on a terminal, plus one permanent line per phase change. */
-class BarView implements ProgressView {
+export class BarView implements ProgressView {
   #phase: string | undefined;
-  #meter = new RateMeter();
+  #meters = new Meters();
   #drawn = false;
-  constructor(private readonly out: NodeJS.WriteStream) {}
+  constructor(private readonly out: TerminalLike) {}
 
   update(b: BackupObject, now: number): void {
-    this.#meter.add(now, b.bytesCopied);
+    const rates = this.#meters.add(b, now);
     if (b.phase !== this.#phase) {
       this.#clear();
       this.out.write(this.#phase === undefined ? `backup ${b.id} of ${b.volume}: ${b.phase}\n` : `  ${b.phase}\n`);
       this.#phase = b.phase;
     }
-    const f = progressFields(b, this.#meter.rate());
-    const tail = [`${f.pct.toFixed(0).padStart(3)}%`, f.copied, f.rate, f.eta && `ETA ${f.eta}`, f.journal].filter(Boolean).join('  ');
+    const f = progressFields(b, rates, now);
+    const pct = f.fraction === undefined ? '   ' : `${(f.fraction * 100).toFixed(0).padStart(3)}%`;
+    const tail = [pct, f.done, f.rate, f.eta && `ETA ${f.eta}`, f.journal, `${f.elapsed} elapsed`].filter(Boolean).join('  ');
     const columns = this.out.columns || 80;
     // A fixed share of the width, so the bar does not jump as the figures change length; it goes
     // away on a narrow terminal, and the figures are cut last.
-    const width = Math.min(30, columns - 70);
-    const bar = width >= 8 ? `[${'█'.repeat(Math.round((f.pct / 100) * width)).padEnd(width, '░')}]` : '';
+    const width = Math.min(30, columns - 100);
+    let bar = '';
+    if (width >= 8) bar = f.fraction === undefined ? `[${'·'.repeat(width)}]` : `[${'█'.repeat(Math.round(f.fraction * width)).padEnd(width, '░')}]`;
     let line = [b.phase.padEnd(9), bar, tail].filter(Boolean).join('  ');
     if (line.length > columns - 1) line = line.slice(0, columns - 1);
     this.out.write(`\r${line}\x1b[K`);
@@ -256,24 +335,27 @@ class BarView implements ProgressView {
 }
 
 /** For logs and pipes: one line per phase change and at most one progress line every few seconds. */
-class PlainView implements ProgressView {
+export class PlainView implements ProgressView {
   #phase: string | undefined;
-  #meter = new RateMeter();
+  #meters = new Meters();
   #lastLine = 0;
-  constructor(private readonly out: NodeJS.WritableStream) {}
+  constructor(
+    private readonly out: { write(text: string): unknown },
+    private readonly intervalMs = PLAIN_PROGRESS_INTERVAL_MS,
+  ) {}
 
   update(b: BackupObject, now: number): void {
-    this.#meter.add(now, b.bytesCopied);
+    const rates = this.#meters.add(b, now);
     if (b.phase !== this.#phase) {
       this.out.write(`backup ${b.id} of ${b.volume}: phase ${b.phase}\n`);
       this.#phase = b.phase;
       this.#lastLine = now;
       return;
     }
-    if (now - this.#lastLine < PLAIN_PROGRESS_INTERVAL_MS) return;
+    if (now - this.#lastLine < this.intervalMs) return;
     this.#lastLine = now;
-    const f = progressFields(b, this.#meter.rate());
-    const parts = [`${f.pct.toFixed(0)}%`, f.copied, f.rate, f.eta && `ETA ${f.eta}`, f.journal].filter(Boolean);
+    const f = progressFields(b, rates, now);
+    const parts = [f.fraction === undefined ? undefined : `${(f.fraction * 100).toFixed(0)}%`, f.done, f.rate, f.eta && `ETA ${f.eta}`, f.journal, `elapsed ${f.elapsed}`].filter(Boolean);
     this.out.write(`backup ${b.id} of ${b.volume}: ${b.phase} ${parts.join(', ')}\n`);
   }
 
