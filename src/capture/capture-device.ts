@@ -1,11 +1,18 @@
 import {
   Asc,
+  buildInquiry,
   buildSense,
   decodeBlockCdb,
   decodeUnmapParameterList,
+  parseSense,
   ScsiCdbError,
+  ScsiOp,
   scsiOpModifiesMedium,
+  scsiOpName,
+  ServiceActionIn16,
+  VariableLengthSa,
   SenseKey,
+  type BlockCdb,
 } from 'iscsi-node-wire';
 import { RangeLock } from '../scsi/logical-unit.ts';
 import type { ItNexus, ScsiOutcome, ScsiTargetDevice, ScsiTask } from '../scsi/task.ts';
@@ -53,6 +60,132 @@ function check(key: number, code: { asc: number; ascq: number }, information?: n
 const INVALID_OPCODE = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE);
 const OUT_OF_RANGE = () => check(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE);
 const INVALID_FIELD = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB);
+const INVALID_PARAMETER = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_PARAMETER_LIST);
+
+function senseKeyOf(sense: Buffer): number | undefined {
+  try {
+    return parseSense(sense).key;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Commands outside decodeBlockCdb that return user data or compare against it. */
+function readsMediumPastView(cdb: Buffer): boolean {
+  const op = cdb[0];
+  if (op === ScsiOp.READ_LONG_10) return true;
+  if (op === ScsiOp.SERVICE_ACTION_IN_16) return cdb.length > 1 && (cdb[1]! & 0x1f) === ServiceActionIn16.READ_LONG_16;
+  if (op === ScsiOp.VARIABLE_LENGTH && cdb.length >= 10) {
+    const sa = cdb.readUInt16BE(8);
+    return sa === VariableLengthSa.READ_32 || sa === VariableLengthSa.VERIFY_32;
+  }
+  return false;
+}
+
+const EMPTY = Buffer.alloc(0);
+const SIMPLE_TASK = 1;
+const NEVER_ABORTED = new AbortController().signal;
+
+/**
+ * What the main target's Block Limits (B0h) and Logical Block Provisioning (B2h) VPD pages
+ * promise initiators. The capture device answers the medium commands itself, so it must hold
+ * them to the same limits; 0 means no limit reported.
+ */
+export interface MainLimits {
+  maxTransferBlocks: number;
+  maxCompareAndWriteBlocks: number;
+  maxWriteSameBlocks: number;
+  maxUnmapBlocks: number;
+  maxUnmapDescriptors: number;
+  /** WRITE SAME(16) / WRITE SAME(10) may unmap (LBPWS, LBPWS10). */
+  writeSameUnmap16: boolean;
+  writeSameUnmap10: boolean;
+  /** ANC_SUP: anchored unmapping. */
+  anchor: boolean;
+}
+
+const NO_LIMITS: MainLimits = {
+  maxTransferBlocks: 0,
+  maxCompareAndWriteBlocks: 0,
+  maxWriteSameBlocks: 0,
+  maxUnmapBlocks: 0,
+  maxUnmapDescriptors: 0,
+  writeSameUnmap16: false,
+  writeSameUnmap10: false,
+  anchor: false,
+};
+
+/** Reads the limits out of the two VPD pages (either may be missing: undefined). */
+export function parseMainLimits(blockLimits: Buffer | undefined, provisioning: Buffer | undefined): MainLimits {
+  const out = { ...NO_LIMITS };
+  if (blockLimits && blockLimits.length >= 4 && blockLimits[1] === 0xb0) {
+    // Only the bytes both sent and inside the page length count.
+    const end = Math.min(blockLimits.length, 4 + blockLimits.readUInt16BE(2));
+    const u32 = (o: number) => (o + 4 <= end ? blockLimits.readUInt32BE(o) : 0);
+    // 0 is read as "not reported", as initiators do: older targets leave it 0 and accept the command.
+    if (end > 5) out.maxCompareAndWriteBlocks = blockLimits[5]!;
+    out.maxTransferBlocks = u32(8);
+    out.maxUnmapBlocks = u32(20);
+    out.maxUnmapDescriptors = u32(24);
+    // An 8-byte field; anything beyond 2^53 blocks is no limit in practice.
+    if (44 <= end) out.maxWriteSameBlocks = Number(blockLimits.readBigUInt64BE(36) & 0x1f_ffff_ffff_ffffn);
+  }
+  if (provisioning && provisioning.length > 5 && provisioning[1] === 0xb2) {
+    const b5 = provisioning[5]!;
+    out.writeSameUnmap16 = (b5 & 0x40) !== 0;
+    out.writeSameUnmap10 = (b5 & 0x20) !== 0;
+    out.anchor = (b5 & 0x02) !== 0;
+  }
+  return out;
+}
+
+/** Where the transfer length sits in a block CDB, by opcode (10/12/16-byte forms). */
+function lengthField(opcode: number, cdbLength: number): { offset: number; bytes: number } | undefined {
+  if (opcode === ScsiOp.COMPARE_AND_WRITE) return { offset: 13, bytes: 1 };
+  if (opcode === ScsiOp.WRITE_ATOMIC_16 || opcode === ScsiOp.WRITE_STREAM_16) return { offset: 12, bytes: 2 };
+  if (cdbLength === 10) return { offset: 7, bytes: 2 };
+  if (cdbLength === 12) return { offset: 6, bytes: 4 };
+  if (cdbLength === 16) return { offset: 10, bytes: 4 };
+  return undefined;
+}
+
+/**
+ * The zero-length form of a medium command, for the main target to judge without moving a block:
+ * the same CDB with its transfer length zeroed, which SBC defines as "no data, not an error". The
+ * main target still applies everything it applies to the real command first: reservations,
+ * software write protect, protection-information fields, the starting LBA, a pending unit
+ * attention. Where zero means something else it is replaced: READ(6)/WRITE(6) (0 = 256 blocks)
+ * by READ(10)/WRITE(10), WRITE SAME (0 = to the last LBA) by a zero-length WRITE of the same CDB
+ * size and WRPROTECT.
+ */
+export function accessProbeCdb(cdb: BlockCdb, raw: Buffer): Buffer | undefined {
+  const lba = cdb.lba;
+  if (cdb.cdbLength === 6) {
+    const out = Buffer.alloc(10);
+    out[0] = cdb.kind === 'read' ? ScsiOp.READ_10 : ScsiOp.WRITE_10;
+    out.writeUInt32BE(lba, 2);
+    return out;
+  }
+  if (cdb.kind === 'write-same') {
+    const out = Buffer.alloc(cdb.cdbLength);
+    out[0] = cdb.cdbLength === 10 ? ScsiOp.WRITE_10 : ScsiOp.WRITE_16;
+    out[1] = raw[1]! & 0xe0;
+    if (cdb.cdbLength === 10) out.writeUInt32BE(lba, 2);
+    else out.writeBigUInt64BE(BigInt(lba), 2);
+    return out;
+  }
+  const out = Buffer.from(raw.subarray(0, cdb.cdbLength));
+  if (cdb.kind === 'unmap') {
+    out.writeUInt16BE(0, 7);
+    return out;
+  }
+  const f = lengthField(cdb.opcode, cdb.cdbLength);
+  if (!f) return undefined;
+  out.fill(0, f.offset, f.offset + f.bytes);
+  // FUA changes no verdict, but on a zero-length write some targets sync the whole file.
+  if (cdb.fua) out[1] = out[1]! & ~0x08;
+  return out;
+}
 
 /**
  * The device initiators talk to during a backup (DESIGN steps 3 and 4). Writes to the captured
@@ -62,12 +195,19 @@ const INVALID_FIELD = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN
  * frozen main volume. Commands that do not touch the medium (INQUIRY, READ CAPACITY, MODE SENSE,
  * reservations...) go to the main target on the initiator's own backend session, so the device
  * identity and per-nexus state stay the main target's.
+ *
+ * The main target also stays the judge of whether a medium command may run at all: before the
+ * capture device moves a block, the command's zero-length form goes to the main target on the
+ * initiator's nexus, and any answer but GOOD (RESERVATION CONFLICT, DATA PROTECT, a unit
+ * attention, an invalid protection field...) is the command's answer. The limits the main target
+ * advertises in its VPD pages are enforced here, since no block of the real command reaches it.
  */
 export class CaptureDevice implements ScsiTargetDevice {
   /** Serializes COMPARE AND WRITE / ORWRITE against overlapping writes of the capture view. */
   private readonly locks = new RangeLock();
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
+  private limits: Promise<MainLimits> | undefined;
 
   constructor(
     private readonly ctx: CaptureContext,
@@ -109,6 +249,87 @@ export class CaptureDevice implements ScsiTargetDevice {
     }
   }
 
+  /**
+   * The zero-length form of the initiator's command, on the initiator's nexus and tied to its
+   * task: it is not sent if the task is already aborted, and an abort of the task aborts it on the
+   * main target.
+   */
+  private probeTask(task: ScsiTask, cdb: Buffer): ScsiTask {
+    return {
+      nexus: task.nexus,
+      lun: task.lun,
+      cdb,
+      attr: task.attr,
+      itt: task.itt,
+      read: false,
+      write: false,
+      dataOut: EMPTY,
+      dataInLength: 0,
+      get signal() {
+        return task.signal;
+      },
+      get aborted() {
+        return task.aborted;
+      },
+      get onAbort() {
+        return task.onAbort;
+      },
+      set onAbort(f) {
+        task.onAbort = f;
+      },
+    };
+  }
+
+  /** A question about the device on the initiator's nexus; it runs whatever becomes of the task. */
+  private inquiryTask(task: ScsiTask, page: number): ScsiTask {
+    const len = 255;
+    return { nexus: task.nexus, lun: task.lun, cdb: buildInquiry(true, page, len), attr: SIMPLE_TASK, itt: task.itt, read: true, write: false, dataOut: EMPTY, dataInLength: len, signal: NEVER_ABORTED };
+  }
+
+  /** The main target's verdict on the command (see accessProbeCdb): undefined when it may run. */
+  private async checkAccess(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome | undefined> {
+    const probe = accessProbeCdb(cdb, task.cdb);
+    if (!probe) return undefined;
+    let o: ScsiOutcome;
+    try {
+      o = await this.forward.execute(this.probeTask(task, probe));
+    } finally {
+      // The probe is over: an abort of the task must not chase it any more.
+      task.onAbort = undefined;
+    }
+    o.release?.();
+    if ((o.response ?? 0) === 0 && o.status === GOOD) return undefined;
+    return { status: o.status, ...(o.sense ? { sense: o.sense } : {}), ...(o.response ? { response: o.response } : {}) };
+  }
+
+  /** The main target's limits, asked once per capture on the first nexus that needs them. */
+  private mainLimits(task: ScsiTask): Promise<MainLimits> {
+    if (!this.limits) {
+      const p = this.fetchLimits(task);
+      this.limits = p;
+      // A backend that failed to answer is asked again by the next command.
+      p.catch(() => {
+        if (this.limits === p) this.limits = undefined;
+      });
+    }
+    return this.limits;
+  }
+
+  private async fetchLimits(task: ScsiTask): Promise<MainLimits> {
+    const page = async (code: number): Promise<Buffer | undefined> => {
+      // INQUIRY is neither held by reservations nor answered with a unit attention.
+      const o = await this.forward.execute(this.inquiryTask(task, code));
+      const data = o.status === GOOD && o.dataIn ? Buffer.from(o.dataIn) : undefined;
+      o.release?.();
+      if ((o.response ?? 0) === 0 && o.status === GOOD) return data;
+      // ILLEGAL REQUEST: the page is not there, which is an answer. Anything else (no backend
+      // session, a busy target) is not, and must not be remembered as "no limits".
+      if (o.status === CHECK_CONDITION && o.sense && senseKeyOf(o.sense) === SenseKey.ILLEGAL_REQUEST) return undefined;
+      throw new Error(`main target did not answer INQUIRY for VPD page 0x${code.toString(16)} (status 0x${o.status.toString(16)})`);
+    };
+    return parseMainLimits(await page(0xb0), await page(0xb2));
+  }
+
   private async dispatch(task: ScsiTask): Promise<ScsiOutcome> {
     if (task.lun !== this.ctx.lun) return this.forward.execute(task);
     let cdb;
@@ -120,37 +341,77 @@ export class CaptureDevice implements ScsiTargetDevice {
     }
     if (!cdb) {
       // Not a block I/O command. Anything else that could change the medium (FORMAT UNIT,
-      // EXTENDED COPY, WRITE LONG...) must not reach the frozen volume: refuse it.
-      if (scsiOpModifiesMedium(task.cdb)) return INVALID_OPCODE();
+      // EXTENDED COPY, WRITE LONG...) must not reach the frozen volume, and nothing may read user
+      // data from it past the capture view (READ LONG, READ(32)): refuse those. So are opcodes
+      // nobody here knows, since they could be either (the obsolete XDWRITE family writes).
+      if (scsiOpModifiesMedium(task.cdb) || readsMediumPastView(task.cdb) || scsiOpName(task.cdb).startsWith('UNKNOWN_')) return INVALID_OPCODE();
       return this.forward.execute(task);
     }
+    // SYNCHRONIZE CACHE and PRE-FETCH change no block: the main target answers them itself (every
+    // acknowledged write is already durable in the journal; the frozen volume stays as it is).
+    if (cdb.kind === 'synchronize-cache' || cdb.kind === 'pre-fetch') return this.forward.execute(task);
+    // A command of zero blocks moves no data either: the main target's answer is the whole answer.
+    if (cdb.cdbLength !== 6 && cdb.kind !== 'write-same' && (cdb.kind === 'unmap' ? cdb.parameterListLength === 0 : cdb.blocks === 0)) {
+      return this.forward.execute(task);
+    }
+    if (cdb.kind === 'read' || cdb.kind === 'verify') {
+      // Reads change nothing: ask the main target and read the capture view at the same time.
+      const local = this.local(task, cdb);
+      const refused = await this.checkAccess(task, cdb).catch((err: unknown) => {
+        local.catch(() => {});
+        throw err;
+      });
+      if (refused) {
+        const o = await local.catch(() => undefined);
+        o?.release?.();
+        return refused;
+      }
+      return local;
+    }
+    const refused = await this.checkAccess(task, cdb);
+    if (refused) return refused;
+    return this.local(task, cdb);
+  }
+
+  /** The command against the capture view, once the main target has allowed it. */
+  private async local(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome> {
     const { blockSize, blocks: capacity } = this.ctx;
     const inRange = (lba: number, n: number) => lba + n <= capacity;
+    const limits = await this.mainLimits(task);
+    const tooLong = (n: number) => limits.maxTransferBlocks > 0 && n > limits.maxTransferBlocks;
     switch (cdb.kind) {
       case 'read': {
         if (!inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
-        const data = cdb.blocks ? await this.readView(cdb.lba, cdb.blocks) : Buffer.alloc(0);
+        if (tooLong(cdb.blocks)) return INVALID_FIELD();
+        const data = await this.readView(cdb.lba, cdb.blocks);
         return { status: GOOD, dataIn: data };
       }
       case 'write':
       case 'write-and-verify': {
         if (!inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
+        if (tooLong(cdb.blocks)) return INVALID_FIELD();
         const want = cdb.blocks * blockSize;
         // Whole blocks that arrived are written, as a disk would (short Data-Out is a residual).
         const usable = Math.min(want, task.dataOut.length - (task.dataOut.length % blockSize));
-        if (usable > 0) await this.write(cdb.lba, task.dataOut.subarray(0, usable));
+        if (usable > 0) await this.write({ lba: cdb.lba, blocks: usable / blockSize, data: task.dataOut.subarray(0, usable) });
         return { status: GOOD, dataOutLength: want };
       }
       case 'write-same': {
+        // The journal stores one block repeated, or unmapped blocks: it has no room for anchored
+        // state beyond what the main target itself supports, nor for LBDATA/PBDATA (obsolete).
+        if (cdb.anchor && !limits.anchor) return INVALID_FIELD();
+        if ((cdb.unmap || cdb.anchor) && !(cdb.cdbLength === 10 ? limits.writeSameUnmap10 : limits.writeSameUnmap16)) return INVALID_FIELD();
+        if ((task.cdb[1]! & 0x06) !== 0) return INVALID_FIELD();
+        if (cdb.lba >= capacity) return OUT_OF_RANGE();
         const n = cdb.toEndOfMedium ? capacity - cdb.lba : cdb.blocks;
         if (!inRange(cdb.lba, n)) return OUT_OF_RANGE();
-        if (n === 0) return { status: GOOD };
-        if (cdb.unmap || cdb.ndob) {
-          await this.append({ lba: cdb.lba, blocks: n, kind: 'unmap' });
+        if (limits.maxWriteSameBlocks > 0 && n > limits.maxWriteSameBlocks) return INVALID_FIELD();
+        if (cdb.unmap || cdb.anchor || cdb.ndob) {
+          await this.write({ lba: cdb.lba, blocks: n, kind: 'unmap' });
           return { status: GOOD, dataOutLength: cdb.ndob ? 0 : blockSize };
         }
         if (task.dataOut.length < blockSize) return INVALID_FIELD();
-        await this.append({ lba: cdb.lba, blocks: n, kind: 'write-same', data: task.dataOut.subarray(0, blockSize) });
+        await this.write({ lba: cdb.lba, blocks: n, kind: 'write-same', data: task.dataOut.subarray(0, blockSize) });
         return { status: GOOD, dataOutLength: blockSize };
       }
       case 'unmap': {
@@ -161,13 +422,16 @@ export class CaptureDevice implements ScsiTargetDevice {
           if (err instanceof ScsiCdbError) return { status: CHECK_CONDITION, sense: buildSense({ key: err.sense.key, asc: err.sense.asc, ascq: err.sense.ascq }) };
           throw err;
         }
+        if (limits.maxUnmapDescriptors > 0 && extents.length > limits.maxUnmapDescriptors) return INVALID_PARAMETER();
+        for (const e of extents) if (limits.maxUnmapBlocks > 0 && e.blocks > limits.maxUnmapBlocks) return INVALID_PARAMETER();
         for (const e of extents) if (!inRange(e.lba, e.blocks)) return OUT_OF_RANGE();
-        for (const e of extents) if (e.blocks > 0) await this.append({ lba: e.lba, blocks: e.blocks, kind: 'unmap' });
+        for (const e of extents) if (e.blocks > 0) await this.write({ lba: e.lba, blocks: e.blocks, kind: 'unmap' });
         return { status: GOOD };
       }
       case 'compare-and-write': {
         const n = cdb.numberOfLogicalBlocks ?? cdb.blocks;
         if (!inRange(cdb.lba, n)) return OUT_OF_RANGE();
+        if (limits.maxCompareAndWriteBlocks > 0 && n > limits.maxCompareAndWriteBlocks) return INVALID_FIELD();
         if (task.dataOut.length !== 2 * n * blockSize) return INVALID_FIELD();
         const release = await this.locks.acquire(cdb.lba, n);
         try {
@@ -186,6 +450,7 @@ export class CaptureDevice implements ScsiTargetDevice {
       }
       case 'orwrite': {
         if (!inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
+        if (tooLong(cdb.blocks)) return INVALID_FIELD();
         const len = cdb.blocks * blockSize;
         if (task.dataOut.length < len) return INVALID_FIELD();
         const release = await this.locks.acquire(cdb.lba, cdb.blocks);
@@ -201,7 +466,8 @@ export class CaptureDevice implements ScsiTargetDevice {
       case 'verify': {
         const n = cdb.blocks;
         if (!inRange(cdb.lba, n)) return OUT_OF_RANGE();
-        if (!cdb.bytchk || n === 0) return { status: GOOD };
+        if (tooLong(n)) return INVALID_FIELD();
+        if (!cdb.bytchk) return { status: GOOD };
         const current = await this.readView(cdb.lba, n);
         const expected = cdb.bytchk === 3 ? Buffer.concat(Array.from({ length: n }, () => task.dataOut.subarray(0, blockSize))) : task.dataOut;
         if (expected.length < current.length) return INVALID_FIELD();
@@ -212,32 +478,27 @@ export class CaptureDevice implements ScsiTargetDevice {
         }
         return { status: GOOD };
       }
-      case 'synchronize-cache':
-        // Every acknowledged write is already durable in the journal.
-        if (!cdb.toEndOfMedium && !inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
-        return { status: GOOD };
-      case 'pre-fetch':
-        if (!cdb.toEndOfMedium && !inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
-        return { status: GOOD };
       default:
         return INVALID_OPCODE();
     }
   }
 
-  /** A plain write into the capture view (whole blocks). */
-  private async write(lba: number, data: Buffer): Promise<void> {
-    const blocks = data.length / this.ctx.blockSize;
-    // Writes wait for an overlapping COMPARE AND WRITE / ORWRITE to finish, never the reverse.
+  /**
+   * A write into the capture view that reads nothing first (WRITE, WRITE SAME, UNMAP). It waits
+   * for an overlapping COMPARE AND WRITE / ORWRITE to finish, never the reverse: one of those must
+   * not see another write land between its read and its own write.
+   */
+  private async write(req: { lba: number; blocks: number; kind?: 'write' | 'write-same' | 'unmap'; data?: Buffer }): Promise<void> {
     if (this.locks.size > 0) {
-      const release = await this.locks.acquire(lba, blocks);
+      const release = await this.locks.acquire(req.lba, req.blocks);
       try {
-        await this.append({ lba, blocks, data });
+        await this.append(req);
       } finally {
         release();
       }
       return;
     }
-    await this.append({ lba, blocks, data });
+    await this.append(req);
   }
 
   /**
