@@ -1,18 +1,105 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { buildInquiry, buildSyncCache10, buildWrite16, buildRead16, ScsiStatus } from 'iscsi-node-wire';
+import { buildInquiry, buildReadCapacity16, buildSyncCache10, buildWrite16, buildWriteSame16, buildRead16, ScsiStatus } from 'iscsi-node-wire';
 import { InitiatorSession } from '../back/index.ts';
 import type { BackupObject, BackupPhase, BackupState } from '../control/model.ts';
 import type { BackupStore, BackupWriter } from '../store/backup-store.ts';
+import { writeFileAtomic } from '../store/durable.ts';
 import { CaptureDevice } from './capture-device.ts';
-import { Journal } from './journal.ts';
-import { SnapshotMap } from './snapshot-map.ts';
+import { Journal, type RecordKind } from './journal.ts';
+import { SnapshotMap, type MapExtent } from './snapshot-map.ts';
 import type { Volume } from './volume.ts';
 import type { MainSession } from '../switch/main-control.ts';
 
 /** detour's own InitiatorName for the sessions it opens itself (copy, base reads, drain). */
 export const DETOUR_INITIATOR = 'iqn.2026-11.io.detour:engine';
+
+// ---- the record that lets a restarted detour take a backup up again ---------------------------
+
+/**
+ * What a restarted detour needs to take up a backup it was running when it stopped. One file per
+ * volume in the data directory, replaced atomically at every step that matters for a restart:
+ * created before the switch-in, rewritten at the freeze, when the drain begins, and just before
+ * the sessions are handed back; removed once the backup's store record is final.
+ *
+ * The journal (same data directory) holds the writes; the backup store's progress log holds the
+ * copied chunks. This file only ties them together and says how far the backup had got.
+ */
+export interface InterruptedBackup {
+  version: 1;
+  backupId: string;
+  volume: string;
+  label: string | null;
+  /** The main target's IQN and LUN, and its geometry, to check a restart finds the same device. */
+  target: string;
+  lun: number;
+  blockSize: number;
+  blocks: number;
+  /** ISO 8601. */
+  startedAt: string;
+  /** null while switching in: the volume was never frozen, so a restart freezes it. */
+  freezeSeq: number | null;
+  /**
+   * 'draining' (or later) means main has been written to since the freeze: chunks still missing
+   * from the image can no longer be copied from it.
+   */
+  phase: BackupPhase;
+  /**
+   * Set just before the sessions go back to the main target. From then on the initiators write to
+   * main directly, so a restart must neither take their sessions over nor replay this journal onto
+   * main (it would overwrite newer data); it only finishes the store record.
+   */
+  handedBack: { state: 'completed' | 'failed' | 'cancelled'; error: string | null } | null;
+}
+
+export function interruptedBackupFile(dataDir: string, volume: string): string {
+  return path.join(dataDir, 'volumes', volume, 'backup-in-progress.json');
+}
+
+export function journalDirFor(dataDir: string, volume: string, backupId: string): string {
+  return path.join(dataDir, 'volumes', volume, 'journal', backupId);
+}
+
+const PHASES: readonly BackupPhase[] = ['switching', 'copying', 'draining', 'cutover', 'done'];
+
+/** The interrupted backup of `volume`, if detour stopped during one. Throws on a damaged file. */
+export async function readInterruptedBackup(dataDir: string, volume: string): Promise<InterruptedBackup | undefined> {
+  const file = interruptedBackupFile(dataDir, volume);
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+  let s: Partial<InterruptedBackup>;
+  try {
+    s = JSON.parse(text) as Partial<InterruptedBackup>;
+  } catch {
+    throw new Error(`${file}: not valid JSON`);
+  }
+  const int = (v: unknown, min: number) => Number.isSafeInteger(v) && (v as number) >= min;
+  const hb = s.handedBack;
+  const ok =
+    s.version === 1 &&
+    typeof s.backupId === 'string' &&
+    s.volume === volume &&
+    (s.label === null || typeof s.label === 'string') &&
+    typeof s.target === 'string' &&
+    int(s.lun, 0) &&
+    int(s.blockSize, 1) &&
+    int(s.blocks, 1) &&
+    typeof s.startedAt === 'string' &&
+    !Number.isNaN(Date.parse(s.startedAt)) &&
+    (s.freezeSeq === null || int(s.freezeSeq, 0)) &&
+    PHASES.includes(s.phase as BackupPhase) &&
+    (hb === null || (typeof hb === 'object' && ['completed', 'failed', 'cancelled'].includes(hb.state) && (hb.error === null || typeof hb.error === 'string')));
+  if (!ok) throw new Error(`${file}: unexpected contents`);
+  return s as InterruptedBackup;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 export interface BackupRunOptions {
   id?: string;
@@ -26,6 +113,10 @@ export interface BackupRunOptions {
   copyQueueDepth?: number;
   /** Optional copy rate limit, bytes per second. */
   copyRateLimit?: number;
+  /** Byte limit of the journal's files (the volume's journalCapacity). Default unlimited. */
+  journalCapacity?: number;
+  /** Take up this interrupted backup instead of starting a new one. */
+  resume?: InterruptedBackup;
   hooks?: {
     phase?(run: BackupRun, phase: BackupPhase): void;
     copied?(run: BackupRun, bytes: number): void;
@@ -35,24 +126,62 @@ export interface BackupRunOptions {
   };
 }
 
+/** How the drain wrote journal records to main, for logs and tests. */
+export interface DrainStats {
+  /** WRITE(16) commands (write records, and fallbacks). */
+  writes: number;
+  /** WRITE SAME(16) commands for write-same records. */
+  writeSames: number;
+  /** WRITE SAME(16) commands for unmap records (with the UNMAP bit when main reads unmapped blocks as zeros). */
+  unmaps: number;
+}
+
 const MiB = 1024 * 1024;
+/** Largest WRITE SAME the drain sends when the main target states no limit. */
+const DEFAULT_MAX_WRITE_SAME_BLOCKS = 65536;
+/** How long a suspending backup lets commands already executing finish. */
+const PARK_IDLE_MS = 10_000;
 
 class CancelledError extends Error {}
+/** The process is stopping: the backup is parked, to be taken up by the next start. */
+class SuspendedError extends Error {}
 
 const UNIT_ATTENTION = 0x06;
+const ILLEGAL_REQUEST = 0x05;
+
+interface CommandResult {
+  status: number;
+  sense?: Buffer;
+  data?: Buffer;
+}
+
+function senseKey(r: CommandResult): number {
+  const s = r.sense;
+  if (!s || s.length <= 2) return -1;
+  return (s[0]! & 0x7f) >= 0x72 ? s[1]! & 0x0f : s[2]! & 0x0f;
+}
 
 /**
  * A command on detour's own session, retried past unit attentions: the main target reports each
  * reset or new nexus once, and those reports are not detour's to act on.
  */
-async function commandGood(s: InitiatorSession, lun: number, cdb: Buffer, opts: { dataOut?: Buffer; dataInLength?: number }, what: string) {
+async function commandPastUnitAttention(s: InitiatorSession, lun: number, cdb: Buffer, opts: { dataOut?: Buffer; dataInLength?: number }) {
   for (let attempt = 0; ; attempt++) {
     const r = await s.command(lun, cdb, opts);
-    if (r.status === ScsiStatus.GOOD) return r;
-    const key = r.sense && r.sense.length > 2 ? ((r.sense[0]! & 0x7f) >= 0x72 ? r.sense[1]! & 0x0f : r.sense[2]! & 0x0f) : -1;
-    if (r.status === ScsiStatus.CHECK_CONDITION && key === UNIT_ATTENTION && attempt < 5) continue;
-    throw new Error(`${what} on the main volume failed (status 0x${r.status.toString(16)}${key >= 0 ? `, sense key 0x${key.toString(16)}` : ''})`);
+    if (r.status === ScsiStatus.CHECK_CONDITION && senseKey(r) === UNIT_ATTENTION && attempt < 5) continue;
+    return r;
   }
+}
+
+function failure(r: CommandResult, what: string): Error {
+  const key = senseKey(r);
+  return new Error(`${what} on the main volume failed (status 0x${r.status.toString(16)}${key >= 0 ? `, sense key 0x${key.toString(16)}` : ''})`);
+}
+
+async function commandGood(s: InitiatorSession, lun: number, cdb: Buffer, opts: { dataOut?: Buffer; dataInLength?: number }, what: string) {
+  const r = await commandPastUnitAttention(s, lun, cdb, opts);
+  if (r.status !== ScsiStatus.GOOD) throw failure(r, what);
+  return r;
 }
 
 function sleep(ms: number): Promise<void> {
@@ -60,9 +189,34 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
+ * Runs `count` workers over shared work and waits for every one of them, even after one fails, so
+ * that nothing is still reading main or writing the store when the caller goes on (to park the
+ * backup, or to give it up). Rethrows the first failure.
+ */
+async function runWorkers(count: number, worker: (stop: () => boolean) => Promise<void>): Promise<void> {
+  let failed: { err: unknown } | undefined;
+  const stop = () => failed !== undefined;
+  await Promise.all(
+    Array.from({ length: count }, () =>
+      worker(stop).catch((err: unknown) => {
+        failed ??= { err };
+      }),
+    ),
+  );
+  if (failed) throw failed.err;
+}
+
+/**
  * One backup of one volume, start to finish (DESIGN steps 1-6): switch the initiators over and
  * freeze, copy the frozen volume to the store, drain the journal back in rounds, cut over and
  * hand the sessions back.
+ *
+ * A backup survives a restart of detour. suspend() parks it (commands in flight finish, the
+ * journal and the store are closed durably, nothing is handed back); the next start with the same
+ * configuration finds the record in the data directory and runs the backup again with `resume`:
+ * it takes the sessions over again as a new backup would, but does not freeze (every write since
+ * the freeze went to the journal, so main is still the frozen volume until the drain begins), and
+ * continues the copy, the drain and the cutover from where they were.
  */
 export class BackupRun {
   state: BackupState = 'running';
@@ -72,29 +226,65 @@ export class BackupRun {
   bytesCopied = 0;
   error: string | null = null;
   sha256: string | null = null;
-  readonly startedAt = new Date();
+  startedAt = new Date();
   finishedAt: Date | null = null;
   id: string;
+  label: string | null;
   journal: Journal | undefined;
   map: SnapshotMap | undefined;
+  /** True once the backup has been parked for a restart (state stays 'running'). */
+  suspended = false;
+  readonly drainStats: DrainStats = { writes: 0, writeSames: 0, unmaps: 0 };
   private engineSession: InitiatorSession | undefined;
   private writer: BackupWriter | undefined;
+  /** Why a resumed backup has no writer: its store record could not be taken up. */
+  private storeProblem: string | undefined;
   private cancelled = false;
+  private suspendRequested = false;
+  /** A reason to give the backup up that arose outside the run loop (the journal filling up). */
+  private abortReason: Error | undefined;
+  /** Cutover or give-up is under way: it runs to its end, a suspend waits for it. */
+  private handingBack = false;
+  private handedBack: InterruptedBackup['handedBack'] = null;
+  private stateSaved = false;
   /** Average write rate to main during drains, bytes per second. */
   private drainRate = 0;
-  /** Settles when the run has ended (completed, failed or cancelled). */
-  done: Promise<void> = Promise.resolve();
+  /** Settles when the run has ended (completed, failed, cancelled, or parked), or failed to start. */
+  readonly done: Promise<void>;
+  private settleDone!: () => void;
   private lun = 0;
   private blockSize = 512;
   private blocks = 0;
+  /** What main takes for the drain of write-same and unmap records. */
+  private mainWriteSame = true;
+  private mainUnmapZeroes = false;
+  private maxWriteSameBlocks = DEFAULT_MAX_WRITE_SAME_BLOCKS;
   private readonly log: Logger;
+  private readonly resumed: InterruptedBackup | undefined;
 
   constructor(
     readonly volume: Volume,
     private readonly opts: BackupRunOptions,
   ) {
-    this.id = opts.id ?? '';
+    this.resumed = opts.resume;
+    this.id = opts.resume?.backupId ?? opts.id ?? '';
+    this.label = opts.resume ? opts.resume.label : (opts.label ?? null);
+    if (opts.resume) {
+      this.startedAt = new Date(opts.resume.startedAt);
+      this.freezeSeq = opts.resume.freezeSeq;
+      // The phase only moves forward, also across restarts: once the drain has begun, a record
+      // saying 'copying' would let a later restart copy missing chunks from a main volume that is
+      // no longer the frozen one. A cutover that did not get to the hand-back resumes as a drain.
+      const p = opts.resume.phase;
+      this.phase = p === 'cutover' || p === 'done' ? 'draining' : p;
+    }
     this.log = opts.logger.child({ volume: volume.name });
+    this.done = new Promise((resolve) => (this.settleDone = resolve));
+  }
+
+  /** True when this run takes up a backup interrupted by a restart. */
+  get isResumed(): boolean {
+    return this.resumed !== undefined;
   }
 
   toObject(): BackupObject {
@@ -102,7 +292,7 @@ export class BackupRun {
     return {
       id: this.id,
       volume: this.volume.name,
-      label: this.opts.label ?? null,
+      label: this.label,
       state: this.state,
       phase: this.phase,
       freezeSeq: this.freezeSeq,
@@ -120,14 +310,34 @@ export class BackupRun {
     this.cancelled = true;
   }
 
+  /**
+   * Parks the backup for a restart: new commands are held, commands executing finish, the journal
+   * and the store writer are closed durably, and the record in the data directory says where the
+   * backup was. The sessions are not handed back (their writes since the freeze are only in the
+   * journal): the caller closes the portal and exits, and the initiators reconnect to the next
+   * detour. A cutover or a give-up already under way is finished instead. Resolves when the run
+   * is parked or ended.
+   */
+  async suspend(): Promise<void> {
+    if (this.state === 'running' && !this.handingBack && this.phase !== 'cutover') this.suspendRequested = true;
+    await this.done;
+  }
+
   private setPhase(p: BackupPhase): void {
     this.phase = p;
     this.log.info({ backupId: this.id, phase: p }, 'backup phase');
     this.opts.hooks?.phase?.(this, p);
   }
 
-  private checkCancelled(): void {
+  private stopRequested(): boolean {
+    return this.cancelled || this.suspendRequested || this.abortReason !== undefined;
+  }
+
+  /** An operator's cancel wins over a shutdown: it ends the backup rather than parking it. */
+  private checkStop(): void {
     if (this.cancelled) throw new CancelledError('cancelled');
+    if (this.abortReason) throw this.abortReason;
+    if (this.suspendRequested) throw new SuspendedError('suspended');
   }
 
   /**
@@ -136,16 +346,29 @@ export class BackupRun {
    */
   async start(): Promise<void> {
     try {
-      await this.prepare();
+      if (this.resumed) await this.prepareResume();
+      else await this.prepare();
     } catch (err) {
       this.engineSession?.close();
-      await this.writer?.fail((err as Error).message).catch(() => {});
+      await this.journal?.close().catch(() => {});
+      if (this.resumed) {
+        // The backup stays as it was on disk; the engine tries again.
+        await this.writer?.close().catch(() => {});
+      } else {
+        await this.writer?.fail((err as Error).message).catch(() => {});
+        if (this.journal) await fs.rm(this.journal.dir, { recursive: true, force: true }).catch(() => {});
+        if (this.stateSaved) await this.removeState().catch(() => {});
+      }
+      this.journal = undefined;
+      this.settleDone();
       throw err;
     }
-    this.done = this.run();
+    void this.run()
+      .catch((err: Error) => this.log.error({ backupId: this.id, err: err.message }, 'backup run ended abnormally'))
+      .finally(() => this.settleDone());
   }
 
-  private async prepare(): Promise<void> {
+  private async connectMain(): Promise<InitiatorSession> {
     const v = this.volume;
     this.engineSession = await InitiatorSession.connect({
       portal: v.mainPortal,
@@ -155,7 +378,28 @@ export class BackupRun {
       logger: this.log,
       reconnect: { initialDelayMs: 200, maxDelayMs: 5000 },
     });
-    const s = this.engineSession;
+    return this.engineSession;
+  }
+
+  /** What the main LUN offers the drain: WRITE SAME length limit, and whether unmapped blocks read as zeros. */
+  private async probeProvisioning(s: InitiatorSession): Promise<void> {
+    const rc = await commandPastUnitAttention(s, this.lun, buildReadCapacity16(32), { dataInLength: 32 });
+    // LBPME and LBPRZ: only then does an unmapped block read back as the zeros the capture view showed.
+    if (rc.status === ScsiStatus.GOOD && rc.data && rc.data.length >= 15) this.mainUnmapZeroes = (rc.data[14]! & 0xc0) === 0xc0;
+    const bl = await commandPastUnitAttention(s, this.lun, buildInquiry(true, 0xb0, 64), { dataInLength: 64 });
+    if (bl.status === ScsiStatus.GOOD && bl.data && bl.data.length >= 44 && bl.data[1] === 0xb0) {
+      const max = Number(bl.data.readBigUInt64BE(36));
+      if (max > 0) this.maxWriteSameBlocks = Math.min(max, DEFAULT_MAX_WRITE_SAME_BLOCKS);
+    }
+  }
+
+  private async prepare(): Promise<void> {
+    const v = this.volume;
+    if (await readInterruptedBackup(this.opts.dataDir, v.name).catch(() => ({}))) {
+      // Its journal may hold acknowledged writes that only a resume brings to main.
+      throw new Error(`an interrupted backup of ${v.name} is recorded in ${interruptedBackupFile(this.opts.dataDir, v.name)}`);
+    }
+    const s = await this.connectMain();
     // The volume's LUN: the first direct-access LUN the main target reports.
     const luns = await s.reportLuns();
     let lun: number | undefined;
@@ -172,11 +416,12 @@ export class BackupRun {
     this.blockSize = cap.blockSize;
     this.blocks = cap.blocks;
     this.bytesTotal = cap.blocks * cap.blockSize;
+    await this.probeProvisioning(s);
     const vpd83 = await s.command(lun, buildInquiry(true, 0x83, 1024), { dataInLength: 1024 });
     this.writer = await this.opts.store.createBackup({
       ...(this.opts.id ? { id: this.opts.id } : {}),
       volume: v.name,
-      label: this.opts.label ?? null,
+      label: this.label,
       targetIqn: v.config.target,
       lun,
       sizeBytes: this.bytesTotal,
@@ -185,50 +430,189 @@ export class BackupRun {
       instructedAt: this.startedAt,
     });
     this.id = this.writer.id;
-    const journalDir = path.join(this.opts.dataDir, 'volumes', v.name, 'journal', this.id);
-    this.map = new SnapshotMap({ blockSize: cap.blockSize });
+    await this.openJournal();
+    await this.saveState();
+  }
+
+  private async prepareResume(): Promise<void> {
+    const st = this.resumed!;
+    const v = this.volume;
+    if (st.target !== v.config.target) throw new Error(`the interrupted backup ${st.backupId} is of ${st.target}; the volume is now configured with ${v.config.target}`);
+    const s = await this.connectMain();
+    this.lun = st.lun;
+    const inq = await s.inquiry(st.lun);
+    if ((inq[0]! & 0x1f) !== 0x00 || inq[0]! >> 5 !== 0) throw new Error(`LUN ${st.lun} of ${v.config.target} is no longer a disk`);
+    const cap = await s.readCapacity(st.lun);
+    if (cap.blockSize !== st.blockSize || cap.blocks !== st.blocks) {
+      // Not the volume that was frozen: neither its image nor its journal belongs there.
+      throw new Error(
+        `LUN ${st.lun} of ${v.config.target} has ${cap.blocks} blocks of ${cap.blockSize} bytes, the interrupted backup ${st.backupId} had ${st.blocks} of ${st.blockSize}`,
+      );
+    }
+    this.blockSize = cap.blockSize;
+    this.blocks = cap.blocks;
+    this.bytesTotal = cap.blocks * cap.blockSize;
+    await this.probeProvisioning(s);
+    try {
+      this.writer = await this.opts.store.openBackup(st.backupId);
+      this.bytesCopied = this.writer.progress().bytesDurable;
+    } catch (err) {
+      // The image is lost, but the journal still holds acknowledged writes: they go to main all
+      // the same, and the sessions are handed back; only the backup fails.
+      this.storeProblem = `the backup could not be taken up after a restart: ${(err as Error).message}`;
+      this.log.error({ backupId: this.id, phase: st.phase, err: (err as Error).message }, 'interrupted backup has no usable store record; draining its journal to the main volume');
+    }
+    await this.openJournal();
+    const rec = this.journal!.recovery;
+    this.stateSaved = true;
+    this.log.info(
+      {
+        backupId: this.id,
+        phase: st.phase,
+        freezeSeq: st.freezeSeq,
+        journal: { drainedSeq: rec.drainedSeq, records: rec.records, lastSeq: rec.lastSeq, tornTail: rec.tornTail ?? null },
+        bytesCopied: this.bytesCopied,
+      },
+      'resuming interrupted backup',
+    );
+  }
+
+  private async openJournal(): Promise<void> {
+    const v = this.volume;
+    this.map = new SnapshotMap({ blockSize: this.blockSize });
     const map = this.map;
-    this.journal = await Journal.open({ dir: journalDir, blockSize: cap.blockSize, reflect: (rec) => map.insert(rec) });
+    // Recovered records (those not yet drained) are reflected here in seq order, so the map is
+    // rebuilt with the newest data of every block, exactly as it was before the restart.
+    this.journal = await Journal.open({
+      dir: journalDirFor(this.opts.dataDir, v.name, this.id),
+      blockSize: this.blockSize,
+      reflect: (rec) => map.insert(rec),
+      ...(this.opts.journalCapacity !== undefined ? { capacityBytes: this.opts.journalCapacity } : {}),
+    });
+    const j = this.journal;
+    // Journal capacity policy. While the copy runs, nothing may be drained (the copy reads main as
+    // the frozen image), so a journal that fills up would hold writes for as long as the copy
+    // still takes: far past any initiator's command timeout, which then aborts and resets. So at
+    // the high-water mark during the copy the backup is given up instead: the journal is drained
+    // to main and the sessions are handed back, while the headroom above the mark still takes
+    // the writes in flight. After the copy, a full journal is plain back-pressure: a write waits,
+    // never acknowledged before it is durable, until a drain round frees space, which the drain
+    // loop is doing all the time.
+    const onHighWater = () => {
+      const u = j.usage;
+      this.log.warn({ backupId: this.id, phase: this.phase, usedBytes: u.usedBytes, capacityBytes: u.capacityBytes }, 'journal above its high-water mark');
+      if (this.phase === 'switching' || this.phase === 'copying') {
+        this.abortReason ??= new Error(
+          `the journal reached ${Math.round(u.ratio * 100)}% of its capacity (${u.capacityBytes} bytes, journalCapacity) before the copy finished; the backup was given up and the journal drained to the main volume`,
+        );
+      }
+    };
+    j.on('high-water', onHighWater);
+    j.on('blocked', (u) => this.log.warn({ backupId: this.id, phase: this.phase, usedBytes: u.usedBytes, capacityBytes: u.capacityBytes }, 'journal full: writes wait for the drain'));
+    if (j.usage.highWater) onHighWater();
   }
 
   private async run(): Promise<void> {
     const v = this.volume;
     try {
+      this.checkStop();
       await this.switchIn();
-      this.setPhase('copying');
-      await this.copy();
+      const drainBegun = this.phase === 'draining';
+      if (this.writer) {
+        if (drainBegun && this.writer.missingChunks().length > 0) {
+          throw new Error('chunks of the image are missing, and the main volume has been written to since the drain began: the copy cannot be finished');
+        }
+        if (!drainBegun) {
+          this.setPhase('copying');
+          await this.saveState();
+        }
+        await this.copy();
+      }
+      // Before the first write to main: from here on a restart must not copy from it.
       this.setPhase('draining');
+      await this.saveState();
       await this.drainUntilCutover();
       this.setPhase('cutover');
       await this.cutover();
-      const rec = await this.writer!.complete({ finishedAt: new Date(), startedAt: this.startedAt, freezeSeq: this.freezeSeq ?? 0 });
+      if (!this.writer) throw new Error(this.storeProblem ?? 'no store record');
+      const rec = await this.writer.complete({ finishedAt: new Date(), startedAt: this.startedAt, freezeSeq: this.freezeSeq ?? 0 });
+      // Settled on disk before anyone is told: a backup shown completed has no leftovers.
+      try {
+        await this.disposeJournal();
+        await this.removeState();
+      } catch (err) {
+        this.log.warn({ backupId: this.id, err: (err as Error).message }, 'could not clean up after the backup');
+      }
       this.sha256 = rec.sha256 ?? null;
       this.finishedAt = new Date();
       this.state = 'completed';
       this.setPhase('done');
-      await this.disposeJournal();
     } catch (err) {
+      if (err instanceof SuspendedError) {
+        await this.park();
+        return;
+      }
       const cancelled = err instanceof CancelledError;
       this.log.error({ backupId: this.id, phase: this.phase, err: (err as Error).message }, cancelled ? 'backup cancelled' : 'backup failed');
       this.error = cancelled ? 'cancelled' : (err as Error).message;
       try {
-        await this.abandon();
+        await this.abandon(cancelled ? 'cancelled' : 'failed', this.error);
       } catch (e) {
         this.log.error({ backupId: this.id, err: (e as Error).message }, 'could not hand the sessions back cleanly');
       }
-      this.state = cancelled ? 'cancelled' : 'failed';
-      this.finishedAt = new Date();
       try {
         if (cancelled) await this.writer?.cancel('cancelled');
         else await this.writer?.fail(this.error);
       } catch {
         /* the store keeps what it has */
       }
+      // The sessions are back on main: the record has nothing left to resume.
+      await this.removeState().catch(() => {});
+      this.state = cancelled ? 'cancelled' : 'failed';
+      this.finishedAt = new Date();
     } finally {
       this.engineSession?.close();
-      v.accepting = v.capture !== undefined;
-      this.opts.hooks?.finished?.(this);
+      if (!this.suspended) {
+        v.accepting = v.capture !== undefined;
+        this.opts.hooks?.finished?.(this);
+      }
     }
+  }
+
+  // ---- the record in the data directory ---------------------------------------------------------
+
+  private async saveState(): Promise<void> {
+    const v = this.volume;
+    const s: InterruptedBackup = {
+      version: 1,
+      backupId: this.id,
+      volume: v.name,
+      label: this.label,
+      target: v.config.target,
+      lun: this.lun,
+      blockSize: this.blockSize,
+      blocks: this.blocks,
+      startedAt: this.startedAt.toISOString(),
+      freezeSeq: this.freezeSeq,
+      phase: this.phase,
+      handedBack: this.handedBack,
+    };
+    const file = interruptedBackupFile(this.opts.dataDir, v.name);
+    await fs.mkdir(path.dirname(file), { recursive: true });
+    await writeFileAtomic(file, `${JSON.stringify(s)}\n`);
+    this.stateSaved = true;
+  }
+
+  private async removeState(): Promise<void> {
+    if (!this.stateSaved) return;
+    await fs.rm(interruptedBackupFile(this.opts.dataDir, this.volume.name), { force: true });
+    this.stateSaved = false;
+  }
+
+  /** Recorded before the sessions go back to main: a restart after this must not take them again. */
+  private async markHandedBack(state: 'completed' | 'failed' | 'cancelled', error: string | null): Promise<void> {
+    this.handedBack = { state, error };
+    await this.saveState();
   }
 
   // ---- switch-in --------------------------------------------------------------------------
@@ -256,6 +640,8 @@ export class BackupRun {
     const topology = v.config.topology;
     const expected = new Set<string>();
     if (topology !== 'inline') {
+      // Also when resuming: a main-directed redirect survives a restart, but setting it again
+      // costs nothing and covers a main target that was restarted meanwhile.
       if (topology === 'main-directed') await v.control.redirectOn({ host: v.localAddress, port: v.portal!.port });
       const deadline = Date.now() + (this.opts.switchTimeoutMs ?? 20_000);
       // An adapter that cannot list sessions is told to drop every connection of the target.
@@ -277,15 +663,22 @@ export class BackupRun {
         // Only the initiators' connections are dropped: detour's own session to main (freeze, copy,
         // base reads, drain) stays up.
         for (const s of stray) await v.control.kick(s);
-        this.checkCancelled();
+        this.checkStop();
         await sleep(100);
       }
     }
-    // Commands that were already on their way to main finish before the freeze.
-    await v.forwardIdle();
-    await commandGood(this.engineSession!, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE at the freeze');
-    this.freezeSeq = journal.lastSeq;
-    this.log.info({ backupId: this.id, phase: 'switching', freezeSeq: this.freezeSeq, initiators: [...expected] }, 'volume frozen');
+    if (this.freezeSeq === null) {
+      // Commands that were already on their way to main finish before the freeze.
+      await v.forwardIdle();
+      await commandGood(this.engineSession!, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE at the freeze');
+      this.freezeSeq = journal.lastSeq;
+      await this.saveState();
+      this.log.info({ backupId: this.id, phase: 'switching', freezeSeq: this.freezeSeq, initiators: [...expected] }, 'volume frozen');
+    } else {
+      // Taken up after a restart: main has not been written since the freeze (or, once the drain
+      // began, only with journal records the map still holds), so freezing again would be wrong.
+      this.log.info({ backupId: this.id, phase: this.phase, freezeSeq: this.freezeSeq }, 'sessions taken over again; the volume is still frozen');
+    }
     v.gate.open();
   }
 
@@ -321,31 +714,36 @@ export class BackupRun {
     const depth = this.opts.copyQueueDepth ?? 4;
     const rate = this.opts.copyRateLimit;
     const t0 = Date.now();
+    // The rate limit counts what this process copied: after a resume the earlier part is done.
+    let copiedHere = 0;
+    const behind = () => (rate ? (copiedHere / rate) * 1000 - (Date.now() - t0) : 0);
     let next = 0;
-    const worker = async () => {
-      while (next < todo.length) {
-        this.checkCancelled();
+    await runWorkers(depth, async (stop) => {
+      while (next < todo.length && !stop()) {
+        this.checkStop();
         const i = todo[next++]!;
         const offset = w.chunkOffset(i);
         const length = w.chunkLength(i);
         const data = await this.readMain(offset / this.blockSize, length / this.blockSize);
         await w.writeChunk(i, data);
         this.bytesCopied += length;
+        copiedHere += length;
         this.opts.hooks?.copied?.(this, length);
-        if (rate) {
-          // Stay at or under the limit on average: wait until the elapsed time covers the bytes.
-          const ahead = (this.bytesCopied / rate) * 1000 - (Date.now() - t0);
-          if (ahead > 0) await sleep(ahead);
-        }
+        // Stay at or under the limit on average: wait until the elapsed time covers the bytes.
+        // The wait is sliced so that a cancel or a shutdown does not sit out a long wait at a low limit.
+        for (let ahead = behind(); ahead > 0 && !this.stopRequested(); ahead = behind()) await sleep(Math.min(ahead, 250));
       }
-    };
-    await Promise.all(Array.from({ length: depth }, worker));
+    });
   }
 
   // ---- drain and cutover ------------------------------------------------------------------------
 
-  /** One drain round: write the map as of now to main, make it durable, forget it. */
-  private async drainRound(): Promise<number> {
+  /**
+   * One drain round: write the map as of now to main, make it durable, forget it. A round cut off
+   * by a shutdown leaves the drain point where it was; the restart writes the same records again
+   * (their newest data per block, from the map rebuilt in seq order), which only repeats writes.
+   */
+  private async drainRound(interruptible: boolean): Promise<number> {
     const map = this.map!;
     const journal = this.journal!;
     const snap = map.snapshot();
@@ -357,18 +755,20 @@ export class BackupRun {
     const t0 = process.hrtime.bigint();
     let bytes = 0;
     const maxBlocks = Math.max(1, Math.floor(MiB / this.blockSize));
-    const jobs: Array<{ e: (typeof snap.extents)[number]; off: number; n: number }> = [];
-    for (const e of snap.extents) for (let o = 0; o < e.blocks; o += maxBlocks) jobs.push({ e, off: o, n: Math.min(maxBlocks, e.blocks - o) });
+    const jobs: Array<{ e: MapExtent; off: number; n: number }> = [];
+    for (const e of snap.extents) {
+      // A write-same or unmap record costs main one block per command, so it goes in larger pieces.
+      const step = e.location.kind === 'write' || !this.mainWriteSame ? maxBlocks : this.maxWriteSameBlocks;
+      for (let o = 0; o < e.blocks; o += step) jobs.push({ e, off: o, n: Math.min(step, e.blocks - o) });
+    }
     let next = 0;
-    const worker = async () => {
-      while (next < jobs.length) {
+    await runWorkers(8, async (stop) => {
+      while (next < jobs.length && !stop()) {
+        if (interruptible) this.checkStop();
         const { e, off, n } = jobs[next++]!;
-        const data = await journal.readData(e.location, e.offsetInRecord + off, n);
-        await commandGood(s, this.lun, buildWrite16(e.lba + off, n), { dataOut: data }, `WRITE of ${n} blocks at ${e.lba + off}`);
-        bytes += data.length;
+        bytes += await this.drainExtent(s, journal, e, off, n, maxBlocks);
       }
-    };
-    await Promise.all(Array.from({ length: 8 }, worker));
+    });
     await commandGood(s, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE after a drain round');
     // Only now is the data durable on main: forget it, then let the journal free its space.
     map.release(snap);
@@ -377,8 +777,50 @@ export class BackupRun {
     const rate = bytes / Math.max(secs, 1e-3);
     this.drainRate = this.drainRate === 0 ? rate : 0.5 * this.drainRate + 0.5 * rate;
     this.opts.hooks?.drained?.(this, bytes);
-    this.log.info({ backupId: this.id, phase: this.phase, bytes, seconds: secs, atSeq: snap.atSeq }, 'drain round');
+    this.log.info({ backupId: this.id, phase: this.phase, bytes, seconds: secs, atSeq: snap.atSeq, commands: { ...this.drainStats } }, 'drain round');
     return bytes;
+  }
+
+  /** Blocks [off, off+n) of a map extent to main; returns the logical bytes written. */
+  private async drainExtent(s: InitiatorSession, journal: Journal, e: MapExtent, off: number, n: number, maxBlocks: number): Promise<number> {
+    const lba = e.lba + off;
+    const kind = e.location.kind;
+    if (kind !== 'write' && this.mainWriteSame && (await this.writeSameToMain(s, journal, e, kind, lba, n))) return n * this.blockSize;
+    for (let o = 0; o < n; o += maxBlocks) {
+      const m = Math.min(maxBlocks, n - o);
+      const data = await journal.readData(e.location, e.offsetInRecord + off + o, m);
+      await commandGood(s, this.lun, buildWrite16(lba + o, m), { dataOut: data }, `WRITE of ${m} blocks at ${lba + o}`);
+      this.drainStats.writes++;
+    }
+    return n * this.blockSize;
+  }
+
+  /**
+   * A write-same or unmap record as WRITE SAME(16): one block of data for the whole range. An unmap
+   * record carries the UNMAP bit only when main reads unmapped blocks as zeros (LBPME and LBPRZ),
+   * since the capture view showed zeros there; otherwise it is a WRITE SAME of a zero block.
+   * Returns false, for a plain write instead, when main refuses WRITE SAME (ILLEGAL REQUEST).
+   */
+  private async writeSameToMain(s: InitiatorSession, journal: Journal, e: MapExtent, kind: RecordKind, lba: number, n: number): Promise<boolean> {
+    const block = kind === 'write-same' ? await journal.readData(e.location, 0, 1) : Buffer.alloc(this.blockSize);
+    const unmap = kind === 'unmap' && this.mainUnmapZeroes;
+    const r = await commandPastUnitAttention(s, this.lun, buildWriteSame16(lba, n, { unmap }), { dataOut: block });
+    if (r.status === ScsiStatus.GOOD) {
+      if (kind === 'unmap') this.drainStats.unmaps++;
+      else this.drainStats.writeSames++;
+      return true;
+    }
+    if (r.status === ScsiStatus.CHECK_CONDITION && senseKey(r) === ILLEGAL_REQUEST) {
+      if (unmap) {
+        this.mainUnmapZeroes = false;
+        this.log.info({ backupId: this.id, phase: this.phase }, 'main target refuses WRITE SAME with UNMAP: unmapped ranges are drained as WRITE SAME of zeros');
+        return this.writeSameToMain(s, journal, e, kind, lba, n);
+      }
+      this.mainWriteSame = false;
+      this.log.info({ backupId: this.id, phase: this.phase }, 'main target refuses WRITE SAME: write-same and unmap records are drained as plain writes');
+      return false;
+    }
+    throw failure(r, `WRITE SAME of ${n} blocks at ${lba}`);
   }
 
   /** Seconds the remaining drain would take at the measured rate to main. */
@@ -391,23 +833,36 @@ export class BackupRun {
   private async drainUntilCutover(): Promise<void> {
     const budgetSec = this.volume.config.ioTimeoutBudget / 1000;
     for (;;) {
-      this.checkCancelled();
-      await this.drainRound();
+      this.checkStop();
+      await this.drainRound(true);
       // Cut over once what is left fits well inside the initiators' budget.
       if (this.estimateSeconds() < budgetSec / 2) return;
       if (this.map!.size === 0) await sleep(50);
     }
   }
 
+  /**
+   * Waits until no command of the capture device is executing. A write waiting for journal space
+   * gets it only from a drain round, so while any wait, drain rounds run meanwhile.
+   */
+  private async idleWhileDraining(device: CaptureDevice): Promise<void> {
+    while (device.commandsInFlight > 0) {
+      if (this.journal!.usage.waitingAppends > 0 && (await this.drainRound(false)) > 0) continue;
+      await Promise.race([device.idle(), sleep(20)]);
+    }
+  }
+
   private async cutover(): Promise<void> {
     const v = this.volume;
     const device = v.capture!;
+    this.handingBack = true;
     v.gate.close();
     const t0 = Date.now();
     try {
-      await device.idle();
+      await this.idleWhileDraining(device);
       // Everything acknowledged is reflected (append resolves after reflection); drain the rest.
-      while (this.map!.size > 0 || this.journal!.drainedSeq < this.journal!.lastSeq) await this.drainRound();
+      while (this.map!.size > 0 || this.journal!.drainedSeq < this.journal!.lastSeq) await this.drainRound(false);
+      await this.markHandedBack('completed', null);
       v.capture = undefined;
       v.accepting = false;
       if (v.config.topology === 'main-directed') await v.control.redirectOff();
@@ -423,21 +878,24 @@ export class BackupRun {
    * A backup that fails or is cancelled still owes the initiators every acknowledged write: drain
    * the journal to main before handing the sessions back.
    */
-  private async abandon(): Promise<void> {
+  private async abandon(state: 'failed' | 'cancelled', error: string): Promise<void> {
     const v = this.volume;
-    if (!v.capture) return;
-    if (this.journal && this.map && this.journal.lastSeq > this.journal.drainedSeq) {
-      v.gate.close();
-      try {
-        await v.capture.idle();
-        while (this.map.size > 0 || this.journal.drainedSeq < this.journal.lastSeq) await this.drainRound();
-      } finally {
-        v.capture = undefined;
-        v.accepting = false;
-        if (v.config.topology === 'main-directed') await v.control.redirectOff().catch(() => {});
-        v.gate.open();
-      }
-    } else {
+    // Nothing to hand back: already handed back, or a new backup that ended before its switch-in.
+    // A resumed one holds its volume from the start (the engine closed the gate before listening).
+    if (this.handedBack || (!v.capture && !this.resumed)) {
+      await this.disposeJournal();
+      return;
+    }
+    this.handingBack = true;
+    v.gate.close();
+    try {
+      // Also with nothing to drain yet: a write already executing is appended after this look.
+      if (v.capture) await this.idleWhileDraining(v.capture);
+      if (this.journal && this.map) while (this.map.size > 0 || this.journal.drainedSeq < this.journal.lastSeq) await this.drainRound(false);
+    } finally {
+      // The sessions go back even if the drain failed. Replaying this journal onto main after
+      // that would overwrite the initiators' newer writes, so the record says it must not be.
+      await this.markHandedBack(state, error).catch((e: Error) => this.log.error({ backupId: this.id, err: e.message }, 'could not record the hand-back'));
       v.capture = undefined;
       v.accepting = false;
       if (v.config.topology === 'main-directed') await v.control.redirectOff().catch(() => {});
@@ -447,21 +905,74 @@ export class BackupRun {
     await this.disposeJournal();
   }
 
+  /**
+   * The shutdown path. New commands are held (not failed: the initiator re-sends them to the next
+   * detour), commands executing finish and are answered, the journal is closed (everything
+   * admitted written and fdatasync'd), the store writer lets go with the backup still 'running'.
+   */
+  private async park(): Promise<void> {
+    const v = this.volume;
+    this.suspended = true;
+    v.gate.close();
+    const device = v.capture;
+    if (device) {
+      let timer: NodeJS.Timeout | undefined;
+      const idle = await Promise.race([device.idle().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), PARK_IDLE_MS)))]);
+      clearTimeout(timer);
+      if (!idle) {
+        // Typically writes waiting for journal space, which only a drain could free, and the copy
+        // forbids draining. None of them was acknowledged: the connections go first so that no
+        // error status can reach the initiator, which re-sends them after it reconnects.
+        this.log.warn({ backupId: this.id, phase: this.phase, commands: device.commandsInFlight }, 'commands still executing at shutdown: dropping the connections unanswered');
+        for (const s of v.frontSessions()) for (const c of s.connections) c.close();
+      }
+    }
+    try {
+      await this.journal?.close();
+    } catch (err) {
+      this.log.error({ backupId: this.id, err: (err as Error).message }, 'could not close the journal');
+    }
+    try {
+      await this.writer?.close();
+    } catch (err) {
+      this.log.error({ backupId: this.id, err: (err as Error).message }, 'could not close the backup writer');
+    }
+    if (this.stateSaved) await this.saveState().catch((err: Error) => this.log.error({ backupId: this.id, err: err.message }, 'could not record the backup for a restart'));
+    const j = this.journal;
+    this.log.info(
+      {
+        backupId: this.id,
+        phase: this.phase,
+        freezeSeq: this.freezeSeq,
+        bytesCopied: this.bytesCopied,
+        journal: j ? { lastSeq: j.lastSeq, drainedSeq: j.drainedSeq } : null,
+      },
+      'backup suspended: the next start with this configuration takes it up again',
+    );
+  }
+
   private async disposeJournal(): Promise<void> {
     const j = this.journal;
     if (!j) return;
     await j.close();
     if (j.drainedSeq >= j.lastSeq) await fs.rm(j.dir, { recursive: true, force: true });
+    else this.log.error({ backupId: this.id, dir: j.dir, records: j.records }, 'journal kept: it holds writes that did not reach the main volume');
   }
 
   /** Resolves once every write accepted before the call is on main. */
   async sync(timeoutMs: number): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    // A resumed backup's journal may hold writes from before the restart: wait until it is open.
+    while (!this.journal && this.resumed && this.state === 'running') {
+      if (Date.now() >= deadline) throw new Error('timeout');
+      await sleep(50);
+    }
     const j = this.journal;
     if (!j) return 0;
     const target = j.lastSeq;
     let timer: NodeJS.Timeout | undefined;
     try {
-      await Promise.race([j.waitDrained(target), new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error('timeout')), timeoutMs)))]);
+      await Promise.race([j.waitDrained(target), new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error('timeout')), Math.max(0, deadline - Date.now()))))]);
     } finally {
       clearTimeout(timer);
     }

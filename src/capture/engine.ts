@@ -1,9 +1,11 @@
+import fs from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { ConflictError, NotFoundError, TimeoutError, type BackupObject, type BackupPhase, type DetourEngine, type VolumeView } from '../control/model.ts';
 import type { BackupRecord } from '../store/format.ts';
 import { BackupStore } from '../store/backup-store.ts';
 import { Catalog } from '../store/catalog.ts';
-import { BackupRun, type BackupRunOptions } from './backup-run.ts';
+import { BackupRun, interruptedBackupFile, journalDirFor, readInterruptedBackup, type BackupRunOptions, type InterruptedBackup } from './backup-run.ts';
+import { Journal } from './journal.ts';
 import type { Volume } from './volume.ts';
 
 /** What the engine reports to the metrics layer (all optional). */
@@ -28,10 +30,14 @@ function recordToObject(r: BackupRecord): BackupObject {
     journal: { records: 0, bytes: 0, unreflected: 0 },
     startedAt: r.startedAt ?? r.instructedAt,
     finishedAt: r.finishedAt,
+    // A backup being taken up again shows as its live run instead; this one has no record of
+    // where it was in the data directory, so nothing can take it up.
     error: r.state === 'running' ? 'interrupted: detour stopped during this backup' : r.error,
     sha256: r.sha256,
   };
 }
+
+const RESUME_RETRY_MAX_MS = 30_000;
 
 /** The backup engine behind the API: volumes, backup runs, and the store's catalog. */
 export class Engine implements DetourEngine {
@@ -41,6 +47,13 @@ export class Engine implements DetourEngine {
   private readonly active = new Map<string, BackupRun>();
   /** Completed/failed backups found in the store, refreshed after every run. */
   private stored: BackupObject[] = [];
+  /** Volumes held for an interrupted backup until its run has taken them over. */
+  private readonly held = new Map<string, InterruptedBackup>();
+  /** Interrupted backups whose sessions had already gone back: only their records are finished. */
+  private readonly toFinish: InterruptedBackup[] = [];
+  private readonly background = new Set<Promise<void>>();
+  private shuttingDown = false;
+  private wakeRetries: Array<() => void> = [];
 
   constructor(
     private readonly volumesByName: Map<string, Volume>,
@@ -61,23 +74,23 @@ export class Engine implements DetourEngine {
       name: v.name,
       target: v.config.target,
       topology: v.config.topology,
-      phase: this.active.get(v.name)?.phase ?? 'idle',
+      phase: this.active.get(v.name)?.phase ?? this.held.get(v.name)?.phase ?? 'idle',
       sessions: v.sessionViews(),
     }));
   }
 
-  async startBackup(volume: string, o: { label?: string }): Promise<BackupObject> {
-    const v = this.volumesByName.get(volume);
-    if (!v) throw new NotFoundError(`no volume named ${volume}`);
-    if (this.active.has(volume)) throw new ConflictError(`a backup of ${volume} is already running`);
+  private makeRun(v: Volume, o: { label?: string; resume?: InterruptedBackup }): BackupRun {
     const hooks = this.opts.hooks;
-    const run = new BackupRun(v, {
-      label: o.label,
+    const volume = v.name;
+    return new BackupRun(v, {
+      ...(o.label !== undefined ? { label: o.label } : {}),
+      ...(o.resume ? { resume: o.resume } : {}),
       dataDir: this.opts.dataDir,
       store: this.store,
       logger: this.opts.logger,
       ...this.opts.run,
       ...(v.config.copyRateLimit !== undefined ? { copyRateLimit: v.config.copyRateLimit } : {}),
+      ...(v.config.journalCapacity !== undefined ? { journalCapacity: v.config.journalCapacity } : {}),
       hooks: {
         phase: (r, p) => hooks?.phase?.(r.volume.name, p),
         copied: (r, b) => hooks?.copied?.(r.volume.name, b, r.bytesTotal),
@@ -85,12 +98,21 @@ export class Engine implements DetourEngine {
         cutover: (r, s) => hooks?.cutover?.(r.volume.name, s),
         finished: (r) => {
           if (this.active.get(volume) === r) this.active.delete(volume);
+          if (o.resume && this.held.get(volume) === o.resume) this.held.delete(volume);
           hooks?.phase?.(r.volume.name, r.state === 'completed' ? 'done' : undefined);
           if (r.state === 'completed') hooks?.succeeded?.(r.volume.name, r.finishedAt ?? new Date());
           void this.refreshCatalog().catch(() => {});
         },
       },
     });
+  }
+
+  async startBackup(volume: string, o: { label?: string }): Promise<BackupObject> {
+    const v = this.volumesByName.get(volume);
+    if (!v) throw new NotFoundError(`no volume named ${volume}`);
+    if (this.shuttingDown) throw new ConflictError('detour is shutting down');
+    if (this.active.has(volume) || this.held.has(volume)) throw new ConflictError(`a backup of ${volume} is already running`);
+    const run = this.makeRun(v, o);
     this.active.set(volume, run);
     try {
       await run.start();
@@ -99,8 +121,137 @@ export class Engine implements DetourEngine {
       throw err;
     }
     this.runs.set(run.id, run);
-    hooks?.phase?.(volume, run.phase);
+    this.opts.hooks?.phase?.(volume, run.phase);
     return run.toObject();
+  }
+
+  // ---- backups interrupted by a restart ---------------------------------------------------------
+
+  /**
+   * Looks for backups that were running when detour last stopped. Call before the portal listens:
+   * a volume whose backup is taken up again has its gate closed and takes logins, so an initiator
+   * reconnecting at once is neither redirected to main (its writes since the freeze are only in
+   * the journal) nor served before the backup has the volume again.
+   * @throws when a record in the data directory is damaged.
+   */
+  async findInterrupted(): Promise<InterruptedBackup[]> {
+    const found: InterruptedBackup[] = [];
+    for (const v of this.volumesByName.values()) {
+      const st = await readInterruptedBackup(this.opts.dataDir, v.name);
+      if (!st) continue;
+      found.push(st);
+      if (st.handedBack) {
+        this.toFinish.push(st);
+        continue;
+      }
+      v.gate.close();
+      v.accepting = true;
+      this.held.set(v.name, st);
+      this.opts.logger.info({ volume: v.name, backupId: st.backupId, phase: st.phase }, 'backup interrupted by a restart: holding the volume to take it up again');
+    }
+    return found;
+  }
+
+  /** Takes the interrupted backups up again, in the background. Call once the portal listens. */
+  resumeInterrupted(): void {
+    for (const st of this.toFinish.splice(0)) this.track(this.finishHandedBack(st));
+    for (const st of this.held.values()) this.track(this.resumeLoop(this.volumesByName.get(st.volume)!, st));
+  }
+
+  private track(p: Promise<void>): void {
+    const t = p.catch((err: Error) => this.opts.logger.error({ err: err.message }, 'interrupted backup'));
+    this.background.add(t);
+    void t.finally(() => this.background.delete(t));
+  }
+
+  /**
+   * Runs the interrupted backup again until it starts. While the main target cannot be reached
+   * the volume stays held: handing its initiators to main would lose the journal's writes.
+   */
+  private async resumeLoop(v: Volume, st: InterruptedBackup): Promise<void> {
+    let delay = 1000;
+    while (!this.shuttingDown) {
+      const run = this.makeRun(v, { resume: st });
+      this.active.set(v.name, run);
+      this.runs.set(run.id, run);
+      try {
+        await run.start();
+        this.opts.hooks?.phase?.(v.name, run.phase);
+        return;
+      } catch (err) {
+        if (this.active.get(v.name) === run) this.active.delete(v.name);
+        if (this.runs.get(run.id) === run) this.runs.delete(run.id);
+        this.opts.logger.error({ volume: v.name, backupId: st.backupId, err: (err as Error).message, retryInMs: delay }, 'cannot take the interrupted backup up yet; the volume stays held');
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, delay);
+        this.wakeRetries.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      delay = Math.min(delay * 2, RESUME_RETRY_MAX_MS);
+    }
+  }
+
+  /**
+   * An interrupted backup whose sessions had gone back to main before the stop (its cutover or
+   * give-up was recording the hand-back): main may have taken writes since, so the journal is not
+   * replayed; only the store record is made final.
+   */
+  private async finishHandedBack(st: InterruptedBackup): Promise<void> {
+    const v = this.volumesByName.get(st.volume)!;
+    const log = this.opts.logger.child({ volume: st.volume, backupId: st.backupId });
+    // The hand-back may not have got as far as clearing the redirect.
+    if (v.config.topology === 'main-directed') await v.control.redirectOff().catch((err: Error) => log.warn({ err: err.message }, 'could not clear the main target redirect'));
+    const hb = st.handedBack!;
+    try {
+      const rec = await this.store.readRecord(st.backupId);
+      if (rec.state === 'running') {
+        const w = await this.store.openBackup(st.backupId);
+        if (hb.state === 'completed') {
+          try {
+            await w.complete({ startedAt: st.startedAt, ...(st.freezeSeq !== null ? { freezeSeq: st.freezeSeq } : {}) });
+            log.info({ phase: 'done' }, 'interrupted backup completed after the restart');
+          } catch (err) {
+            await w.fail(`could not be completed after a restart: ${(err as Error).message}`);
+          }
+        } else if (hb.state === 'cancelled') {
+          await w.cancel(hb.error ?? 'cancelled');
+        } else {
+          await w.fail(hb.error ?? 'failed');
+        }
+      }
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'could not finish the store record of the interrupted backup');
+    }
+    const dir = journalDirFor(this.opts.dataDir, st.volume, st.backupId);
+    if (await fs.stat(dir).then(() => true, () => false)) {
+      try {
+        const j = await Journal.open({ dir, blockSize: st.blockSize });
+        const left = j.records;
+        await j.close();
+        if (left === 0) await fs.rm(dir, { recursive: true, force: true });
+        else log.error({ dir, records: left }, 'journal kept: it holds writes that did not reach the main volume before the sessions went back');
+      } catch (err) {
+        log.error({ dir, err: (err as Error).message }, 'journal of the interrupted backup could not be read');
+      }
+    }
+    await fs.rm(interruptedBackupFile(this.opts.dataDir, st.volume), { force: true });
+    await this.refreshCatalog().catch(() => {});
+  }
+
+  /**
+   * Shutdown: parks every backup in progress for the next start (see BackupRun.suspend) and stops
+   * taking new ones. Idempotent.
+   */
+  async suspendAll(): Promise<void> {
+    this.shuttingDown = true;
+    for (const wake of this.wakeRetries.splice(0)) wake();
+    const runs = [...this.active.values()];
+    if (runs.length) this.opts.logger.info({ backups: runs.map((r) => r.id) }, 'suspending backups in progress: the next start takes them up again');
+    await Promise.all(runs.map((r) => r.suspend()));
+    await Promise.allSettled([...this.background]);
   }
 
   listBackups(): BackupObject[] {
@@ -128,7 +279,7 @@ export class Engine implements DetourEngine {
     if (!v) throw new NotFoundError(`no volume named ${volume}`);
     const run = this.active.get(volume);
     // Outside a capture every write goes straight to the main target.
-    if (!run || !run.journal) return { reflectedSeq: 0 };
+    if (!run) return { reflectedSeq: 0 };
     try {
       return { reflectedSeq: await run.sync(timeoutMs) };
     } catch {
