@@ -57,6 +57,24 @@ function check(key: number, code: { asc: number; ascq: number }, information?: n
   return { status: CHECK_CONDITION, sense: buildSense({ key, asc: code.asc, ascq: code.ascq, ...(information !== undefined ? { information } : {}) }) };
 }
 
+/** How long a GOOD access verdict of the main target is reused (see checkAccess). */
+const ACCESS_VERDICT_MS = 1000;
+
+/**
+ * Commands that only ask: forwarding them changes no reservation, mode page or unit attention
+ * other than the asker's own (REQUEST SENSE and a reported UA are per nexus, and a UA report on
+ * the probe path voids the verdicts anyway).
+ */
+const PURE_QUERIES = new Set<number>([
+  ScsiOp.TEST_UNIT_READY, ScsiOp.INQUIRY, ScsiOp.READ_CAPACITY_10, ScsiOp.SERVICE_ACTION_IN_16, ScsiOp.MODE_SENSE_6,
+  ScsiOp.MODE_SENSE_10, ScsiOp.REPORT_LUNS, ScsiOp.PERSISTENT_RESERVE_IN, ScsiOp.SYNCHRONIZE_CACHE_10, ScsiOp.SYNCHRONIZE_CACHE_16,
+]);
+
+/** Plain READ/WRITE (10/12/16) without protection information: one verdict serves them all. */
+function cacheableAccess(cdb: BlockCdb, raw: Buffer): boolean {
+  return (cdb.kind === 'read' || cdb.kind === 'write') && cdb.cdbLength >= 10 && cdb.cdbLength <= 16 && (raw[1]! & 0xe0) === 0;
+}
+
 const INVALID_OPCODE = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_COMMAND_OPERATION_CODE);
 const OUT_OF_RANGE = () => check(SenseKey.ILLEGAL_REQUEST, Asc.LOGICAL_BLOCK_ADDRESS_OUT_OF_RANGE);
 const INVALID_FIELD = () => check(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB);
@@ -208,6 +226,14 @@ export class CaptureDevice implements ScsiTargetDevice {
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private limits: Promise<MainLimits> | undefined;
+  /**
+   * Bumped by anything that can change the main target's verdict on a nexus's reads and writes:
+   * a command forwarded to it that is not a pure query (PERSISTENT RESERVE OUT, RESERVE, MODE
+   * SELECT...), a reset, a nexus coming or going, a refusal.
+   */
+  private accessEpoch = 0;
+  /** Recent GOOD verdicts per nexus and direction, valid while the epoch is unchanged. */
+  private readonly allowed = new Map<string, { epoch: number; until: number }>();
 
   constructor(
     private readonly ctx: CaptureContext,
@@ -225,15 +251,25 @@ export class CaptureDevice implements ScsiTargetDevice {
   }
 
   nexusOpened(nexus: ItNexus): Promise<void> | void {
+    this.accessEpoch++;
     return this.forward.nexusOpened?.(nexus);
   }
 
   nexusClosed(nexus: ItNexus): Promise<void> | void {
+    this.accessEpoch++;
+    this.allowed.clear();
     return this.forward.nexusClosed?.(nexus);
   }
 
   reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {
+    this.accessEpoch++;
     return this.forward.reset ? this.forward.reset(nexus, kind, lun) : Promise.resolve(0);
+  }
+
+  /** A command for the main target itself; one that may change access state voids the verdicts. */
+  private forwardCommand(task: ScsiTask): Promise<ScsiOutcome> {
+    if (!PURE_QUERIES.has(task.cdb[0]!)) this.accessEpoch++;
+    return this.forward.execute(task);
   }
 
   async execute(task: ScsiTask): Promise<ScsiOutcome> {
@@ -286,10 +322,25 @@ export class CaptureDevice implements ScsiTargetDevice {
     return { nexus: task.nexus, lun: task.lun, cdb: buildInquiry(true, page, len), attr: SIMPLE_TASK, itt: task.itt, read: true, write: false, dataOut: EMPTY, dataInLength: len, signal: NEVER_ABORTED };
   }
 
-  /** The main target's verdict on the command (see accessProbeCdb): undefined when it may run. */
+  /**
+   * The main target's verdict on the command (see accessProbeCdb): undefined when it may run.
+   *
+   * A plain READ or WRITE (no protection information) that the main target allowed on this nexus
+   * a moment ago, with nothing in between that could change its mind, is not asked again: the
+   * probe is a round trip per command, and during a capture every initiator of the volume is on
+   * detour, so every reservation or mode change passes through here and voids the verdict. The
+   * verdict also expires after ACCESS_VERDICT_MS, which bounds how late a change made behind
+   * detour's back (an administrator on the main target) is noticed.
+   */
   private async checkAccess(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome | undefined> {
     const probe = accessProbeCdb(cdb, task.cdb);
     if (!probe) return undefined;
+    const key = cacheableAccess(cdb, task.cdb) ? `${task.nexus.initiatorPort}/${task.nexus.tsih}/${cdb.kind}` : undefined;
+    if (key !== undefined) {
+      const v = this.allowed.get(key);
+      if (v && v.epoch === this.accessEpoch && v.until > Date.now()) return undefined;
+    }
+    const epoch = this.accessEpoch;
     let o: ScsiOutcome;
     try {
       o = await this.forward.execute(this.probeTask(task, probe));
@@ -298,7 +349,12 @@ export class CaptureDevice implements ScsiTargetDevice {
       task.onAbort = undefined;
     }
     o.release?.();
-    if ((o.response ?? 0) === 0 && o.status === GOOD) return undefined;
+    if ((o.response ?? 0) === 0 && o.status === GOOD) {
+      if (key !== undefined && epoch === this.accessEpoch) this.allowed.set(key, { epoch, until: Date.now() + ACCESS_VERDICT_MS });
+      return undefined;
+    }
+    // A refusal (a reservation, a unit attention...) may be news for other nexus too.
+    this.accessEpoch++;
     return { status: o.status, ...(o.sense ? { sense: o.sense } : {}), ...(o.response ? { response: o.response } : {}) };
   }
 
@@ -331,7 +387,7 @@ export class CaptureDevice implements ScsiTargetDevice {
   }
 
   private async dispatch(task: ScsiTask): Promise<ScsiOutcome> {
-    if (task.lun !== this.ctx.lun) return this.forward.execute(task);
+    if (task.lun !== this.ctx.lun) return this.forwardCommand(task);
     let cdb;
     try {
       cdb = decodeBlockCdb(task.cdb);
@@ -345,14 +401,14 @@ export class CaptureDevice implements ScsiTargetDevice {
       // data from it past the capture view (READ LONG, READ(32)): refuse those. So are opcodes
       // nobody here knows, since they could be either (the obsolete XDWRITE family writes).
       if (scsiOpModifiesMedium(task.cdb) || readsMediumPastView(task.cdb) || scsiOpName(task.cdb).startsWith('UNKNOWN_')) return INVALID_OPCODE();
-      return this.forward.execute(task);
+      return this.forwardCommand(task);
     }
     // SYNCHRONIZE CACHE and PRE-FETCH change no block: the main target answers them itself (every
     // acknowledged write is already durable in the journal; the frozen volume stays as it is).
-    if (cdb.kind === 'synchronize-cache' || cdb.kind === 'pre-fetch') return this.forward.execute(task);
+    if (cdb.kind === 'synchronize-cache' || cdb.kind === 'pre-fetch') return this.forwardCommand(task);
     // A command of zero blocks moves no data either: the main target's answer is the whole answer.
     if (cdb.cdbLength !== 6 && cdb.kind !== 'write-same' && (cdb.kind === 'unmap' ? cdb.parameterListLength === 0 : cdb.blocks === 0)) {
-      return this.forward.execute(task);
+      return this.forwardCommand(task);
     }
     if (cdb.kind === 'read' || cdb.kind === 'verify') {
       // Reads change nothing: ask the main target and read the capture view at the same time.
@@ -517,9 +573,15 @@ export class CaptureDevice implements ScsiTargetDevice {
       await journal.waitReflected(seq);
     }
     for (;;) {
-      const out = Buffer.allocUnsafe(blocks * blockSize);
       const pieces = map.lookup(lba, blocks);
       try {
+        if (pieces.length === 1) {
+          // The common case, one source for the whole read: its buffer is the answer, uncopied.
+          const p = pieces[0]!;
+          const data = p.source === 'journal' ? await journal.readData(p.location, p.offsetInRecord, p.blocks) : await this.ctx.readBase(p.lba, p.blocks);
+          return data.length === blocks * blockSize ? data : data.subarray(0, blocks * blockSize);
+        }
+        const out = Buffer.allocUnsafe(blocks * blockSize);
         await Promise.all(
           pieces.map(async (p) => {
             const data = p.source === 'journal' ? await journal.readData(p.location, p.offsetInRecord, p.blocks) : await this.ctx.readBase(p.lba, p.blocks);
