@@ -101,6 +101,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     labelNames: ['volume', 'op', 'status'] as const,
     registers,
   });
+  const commandSeries = new Map<string, { count: { inc(): void }; duration: { observe(v: number): void } }>();
   const scsiCommandDuration = new Histogram({
     name: 'detour_scsi_command_duration_seconds',
     help: 'Time from a SCSI command reaching detour to its response leaving detour',
@@ -282,8 +283,16 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     observeCommand(volume, op, status, seconds) {
       const opName = typeof op === 'string' ? op : scsiOpName(op);
       const statusName = typeof status === 'string' ? status : scsiStatusName(status);
-      scsiCommands.inc({ volume, op: opName, status: statusName });
-      if (Number.isFinite(seconds) && seconds >= 0) scsiCommandDuration.observe({ volume, op: opName }, seconds);
+      // Once per command on the data path: the labelled children are looked up once per
+      // combination, not hashed from their label objects every time.
+      const key = `${volume}\0${opName}\0${statusName}`;
+      let c = commandSeries.get(key);
+      if (!c) {
+        c = { count: scsiCommands.labels({ volume, op: opName, status: statusName }), duration: scsiCommandDuration.labels({ volume, op: opName }) };
+        commandSeries.set(key, c);
+      }
+      c.count.inc();
+      if (Number.isFinite(seconds) && seconds >= 0) c.duration.observe(seconds);
     },
     setSessions,
     watchRedirected(volume, count, o = {}) {

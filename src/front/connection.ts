@@ -686,7 +686,8 @@ export class FrontConnection {
         });
         if (response === LogoutResponseCode.Success) {
           this.state = 'logged-out';
-          this.log.info({ reason: pdu.reasonCode }, 'logout');
+          const s = this.session;
+          this.log.info({ ...s?.target?.logFields, initiator: s?.initiatorName, tsih: s?.tsih, reason: pdu.reasonCode }, 'logout');
           this.endGracefully();
         }
       };

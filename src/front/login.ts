@@ -167,7 +167,7 @@ export class LoginController {
       if (target.allows && !target.allows(initiatorName)) return this.fail(pdu, LoginStatus.AuthorizationFailure, 'initiator not allowed');
       const moved = target.redirect?.(initiatorName);
       if (moved) {
-        this.conn.log.info({ initiator: initiatorName, target: target.name, to: moved.address }, 'login redirected');
+        this.conn.log.info({ ...target.logFields, initiator: initiatorName, target: target.name, to: moved.address }, 'login redirected');
         return this.fail(pdu, moved.permanent ? LoginStatus.TargetMovedPermanently : LoginStatus.TargetMovedTemporarily, 'redirect', [['TargetAddress', moved.address]]);
       }
       this.target = target;
@@ -226,7 +226,7 @@ export class LoginController {
         // old session (RFC 7143 6.3.5).
         const old = sessions.findByInitiatorPort(this.initiatorName, pdu.isid, this.target?.name);
         if (old) {
-          this.conn.log.info({ initiator: this.initiatorName, tsih: old.tsih }, 'session reinstatement');
+          this.conn.log.info({ ...this.target?.logFields, initiator: this.initiatorName, tsih: old.tsih, target: this.target?.name }, 'session reinstatement');
           for (const c of [...old.connections]) c.close();
         }
       }
@@ -240,7 +240,7 @@ export class LoginController {
           (err: unknown) => {
             sessions.remove(s);
             const status = (err as { loginStatus?: number }).loginStatus;
-            this.conn.log.warn({ err: (err as Error).message }, 'device refused the nexus');
+            this.conn.log.warn({ ...this.target?.logFields, initiator: this.initiatorName, tsih: s.tsih, err: (err as Error).message }, 'device refused the nexus');
             return this.fail(pdu, (status ?? LoginStatus.TargetError) as LoginStatusCode, 'device refused the nexus');
           },
         );
@@ -251,7 +251,7 @@ export class LoginController {
 
   private admit(pdu: LoginRequest, fields: LoginResponseFields, reply: TextPair[], session: FrontSession): LoginOutcome {
     session.connections.add(this.conn);
-    this.conn.log.info({ initiator: this.initiatorName, tsih: session.tsih, target: this.target?.name, discovery: this.discovery }, 'login');
+    this.conn.log.info({ ...this.target?.logFields, initiator: this.initiatorName, tsih: session.tsih, target: this.target?.name, discovery: this.discovery }, 'login');
     const response = this.response(pdu, fields, reply, session.tsih, session.expCmdSN, session.maxCmdSN);
     return { response, session, statSN: this.statSN };
   }
@@ -266,7 +266,7 @@ export class LoginController {
   }
 
   private fail(pdu: LoginRequest, status: LoginStatusCode, reason: string, pairs: TextPair[] = []): LoginOutcome {
-    if (loginStatusClass(status) !== 1) this.conn.log.warn({ initiator: this.initiatorName || undefined, status: `0x${status.toString(16).padStart(4, '0')}`, reason }, 'login refused');
+    if (loginStatusClass(status) !== 1) this.conn.log.warn({ ...this.target?.logFields, initiator: this.initiatorName || undefined, target: this.target?.name, status: `0x${status.toString(16).padStart(4, '0')}`, reason }, 'login refused');
     const f = this.machine.fail(status, pdu.csg === LoginStage.Operational ? LoginStage.Operational : LoginStage.Security);
     const response = this.response(pdu, { ...f, statusClass: loginStatusClass(status), statusDetail: loginStatusDetail(status) }, pairs);
     return { response, close: true, statSN: this.statSN };

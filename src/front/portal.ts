@@ -133,7 +133,7 @@ export class Portal implements ConnectionHost {
         s.dropPending();
         this.sessions.remove(s);
         if (!s.discovery) void s.target?.device.nexusClosed?.(s.nexus);
-        this.logger.info({ initiator: s.initiatorName, tsih: s.tsih, target: s.target?.name }, 'session ended');
+        this.logger.info({ ...s.target?.logFields, initiator: s.initiatorName, tsih: s.tsih, target: s.target?.name }, 'session ended');
       }
     }
   }

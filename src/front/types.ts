@@ -22,6 +22,8 @@ export interface FrontTarget {
    * status class 1 ("target moved") and TargetAddress instead of being accepted.
    */
   redirect?(initiatorName: string): { address: string; permanent?: boolean } | undefined;
+  /** Fields every session log line of this target carries (e.g. detour's volume name). */
+  logFields?: Readonly<Record<string, string>>;
 }
 
 /** What the portal knows about the targets it serves. */
