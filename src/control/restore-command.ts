@@ -7,7 +7,13 @@ import { BackupStore, BackupStoreError, isValidBackupId } from '../store/backup-
 
 export const RESTORE_USAGE = 'restore ID --to-file PATH [--store DIR | --config FILE] [--json]';
 
-const DEFAULT_STORE = './data/backups';
+/** Where the store is when neither --store nor --config says: the serve defaults, env included. */
+function defaultStore(): string {
+  const env = process.env;
+  if (env.DETOUR_BACKUP_STORE_PATH) return env.DETOUR_BACKUP_STORE_PATH;
+  if (env.DETOUR_DATA_DIR) return path.join(env.DETOUR_DATA_DIR, 'backups');
+  return './data/backups';
+}
 
 const HELP = `usage: detour ${RESTORE_USAGE}
 
@@ -16,7 +22,8 @@ whole image has verified), or a block device (written in place). Every chunk is 
 its SHA-256, and the image against the backup's SHA-256.
 
   --to-file PATH    where to write the image
-  --store DIR       the backup store (default ${DEFAULT_STORE})
+  --store DIR       the backup store (default $DETOUR_BACKUP_STORE_PATH, else
+                    $DETOUR_DATA_DIR/backups, else ./data/backups)
   --config FILE     take the store from the config file's backupStore.path
   --json            print the result as one JSON object
   --api, --token    accepted for symmetry with the other client commands; restore reads the
@@ -46,7 +53,7 @@ export const restoreCommand: Command = async (argv) => {
   if (!values['to-file']) throw new UsageError(`--to-file PATH is required\nusage: detour ${RESTORE_USAGE}`);
   if (values.store !== undefined && values.config !== undefined) throw new UsageError('give --store or --config, not both');
 
-  let storePath = path.resolve(values.store ?? DEFAULT_STORE);
+  let storePath = path.resolve(values.store ?? defaultStore());
   if (values.config !== undefined) {
     try {
       storePath = loadConfig(values.config).backupStore.path;

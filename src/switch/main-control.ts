@@ -119,7 +119,9 @@ export class ExecControl implements MainTargetControl {
 
   private async sh(which: keyof ExecControl['commands'], extra: Record<string, string> = {}): Promise<string> {
     try {
-      const { stdout } = await run('/bin/sh', ['-c', this.commands[which]], { env: { ...process.env, ...this.env, ...extra }, timeout: 30_000 });
+      // detour's own API token is not the control command's business.
+      const { DETOUR_TOKEN: _token, ...inherited } = process.env;
+      const { stdout } = await run('/bin/sh', ['-c', this.commands[which]], { env: { ...inherited, ...this.env, ...extra }, timeout: 30_000 });
       return stdout;
     } catch (err) {
       const e = err as { stderr?: string; message: string };
