@@ -16,6 +16,8 @@ const peers = [
   { bin: 'fio', pkg: 'fio' },
   { bin: 'tshark', pkg: 'tshark' },
   { bin: 'dumpcap', pkg: 'tshark' },
+  { bin: 'curl', pkg: 'curl' },
+  { bin: 'script', pkg: 'bsdutils' },
 ];
 // qemu-utils alone cannot open iscsi:// URLs: the libiscsi block driver ships in qemu-block-extra.
 const extraPackages = ['qemu-block-extra'];
