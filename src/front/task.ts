@@ -17,6 +17,7 @@ interface R2TSequence {
  * the response needs (DataSN, R2TSN, residual inputs).
  */
 const NO_DATA = Buffer.alloc(0);
+const NO_R2TS: ReadonlyMap<number, R2TSequence> & Map<number, R2TSequence> = new Map();
 
 export class FrontTask implements ScsiTask {
   readonly itt: number;
@@ -35,7 +36,8 @@ export class FrontTask implements ScsiTask {
   private unsolicitedEnd = 0;
   private unsolicitedExpDataSN = 0;
   private solicitNext = 0;
-  private readonly r2ts = new Map<number, R2TSequence>();
+  /** R2T sequences in flight; shared empty map until a write solicits data (reads never do). */
+  private r2ts: Map<number, R2TSequence> = NO_R2TS;
   /** Created only if an executor asks for `signal`: most never do, and it is not free. */
   private controller: AbortController | undefined;
   nexus!: ItNexus;
@@ -183,6 +185,7 @@ export class FrontTask implements ScsiTask {
       const len = Math.min(p.maxBurstLength, edtl - this.solicitNext);
       const ttt = this.conn.registerR2T(this);
       const seq: R2TSequence = { ttt, r2tSN: this.r2tSN++, offset: this.solicitNext, end: this.solicitNext + len, next: this.solicitNext, expDataSN: 0 };
+      if (this.r2ts === NO_R2TS) this.r2ts = new Map();
       this.r2ts.set(ttt, seq);
       this.solicitNext += len;
       this.conn.sendR2T(this, ttt, seq.offset, len, seq.r2tSN);
@@ -227,6 +230,7 @@ export class FrontTask implements ScsiTask {
   }
 
   private releaseAll(): void {
+    if (this.r2ts.size === 0) return;
     for (const ttt of this.r2ts.keys()) this.conn.releaseR2T(ttt);
     this.r2ts.clear();
   }
