@@ -77,6 +77,8 @@ export async function startProxy(config: DetourConfig, log: Logger, opts: { hook
     engine,
     volumes,
     async close() {
+      // No new logins from here on; sessions already on detour finish what they are doing.
+      portal.stopListening();
       await engine.suspendAll();
       await portal.close();
       await Promise.allSettled([...volumes.values()].map((v) => v.close()));
@@ -155,6 +157,7 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
     metrics,
     async close() {
       clearInterval(gauges);
+      proxy.portal.stopListening();
       await suspendRunningBackups(proxy);
       await api.close();
       await proxy.close();

@@ -149,10 +149,20 @@ export class Portal implements ConnectionHost {
     c.socket.resume();
   }
 
+  private serverClosed: Promise<void> | undefined;
+
+  /**
+   * Stops taking new connections; the ones open keep working (a shutdown lets their commands in
+   * flight finish). The listener is fully closed only once they are gone too.
+   */
+  stopListening(): void {
+    this.serverClosed ??= new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
   /** Stops listening and drops every connection. */
   async close(): Promise<void> {
-    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.stopListening();
     for (const c of this.connections) c.close();
-    await closed;
+    await this.serverClosed;
   }
 }
