@@ -2,36 +2,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startApiServer, type RunningApiServer } from '../src/control/api-server.ts';
 import { BACKUP_PHASES, countInitiatorSessions, createMetrics, instrumentRedirects, type DetourMetrics } from '../src/control/metrics.ts';
 import { FakeEngine, recordingLogger } from './helpers/fake-engine.ts';
+import { findSamples, parseExposition, type Sample } from './helpers/prometheus.ts';
 
-interface Sample {
-  name: string;
-  labels: Record<string, string>;
-  value: number;
-}
 
-/** Just enough of the Prometheus text format to look samples up by name and labels. */
-function parseExposition(text: string): { types: Map<string, string>; samples: Sample[] } {
-  const types = new Map<string, string>();
-  const samples: Sample[] = [];
-  for (const line of text.split('\n')) {
-    const t = /^# TYPE (\S+) (\S+)$/.exec(line);
-    if (t) {
-      types.set(t[1]!, t[2]!);
-      continue;
-    }
-    if (line === '' || line.startsWith('#')) continue;
-    const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$/.exec(line);
-    if (!m) throw new Error(`unparsable exposition line: ${line}`);
-    const labels: Record<string, string> = {};
-    for (const l of (m[2] ?? '').matchAll(/([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]!] = l[2]!;
-    samples.push({ name: m[1]!, labels, value: m[3] === '+Inf' ? Infinity : Number(m[3]) });
-  }
-  return { types, samples };
-}
-
-function find(samples: Sample[], name: string, labels: Record<string, string>): Sample[] {
-  return samples.filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v));
-}
+const find = findSamples;
 
 function value(samples: Sample[], name: string, labels: Record<string, string>): number {
   const hits = find(samples, name, labels);

@@ -2,20 +2,9 @@ import { describe, expect, it } from 'vitest';
 import { PduFramer, type FramerOutput } from '../src/framer.ts';
 import { decodePdu, encodePduBuffer, type DigestSettings } from '../src/pdu.ts';
 import { WireError } from '../src/errors.ts';
+import { rng } from './rng.ts';
 import { samples } from './samples.ts';
 
-/** Deterministic PRNG so a failing fuzz case can be replayed from its seed. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 0x1_0000_0000;
-  };
-}
 
 function stream(digests: DigestSettings, repeat = 1): { wire: Buffer; count: number } {
   const parts: Buffer[] = [];

@@ -7,19 +7,9 @@ import { PduFramer, type Frame } from '../src/framer.ts';
 import { PduReceiver } from '../src/receiver.ts';
 import { encodePduBuffer, type DigestSettings } from '../src/pdu.ts';
 import type { WireError } from '../src/errors.ts';
+import { rng } from './rng.ts';
 import { samples } from './samples.ts';
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    s >>>= 0;
-    return s / 0x1_0000_0000;
-  };
-}
 
 /** A frame as a short comparable string: whole headers, payloads by length and hash. */
 type Event = string;
