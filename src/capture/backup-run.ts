@@ -5,9 +5,11 @@ import { buildInquiry, buildReadCapacity16, buildSyncCache10, buildWrite16, buil
 import { InitiatorSession } from '../back/index.ts';
 import type { BackupObject, BackupPhase, BackupState } from '../control/model.ts';
 import type { BackupStore, BackupWriter } from '../store/backup-store.ts';
+import { allocChunkBuffers } from '../store/chunk-memory.ts';
 import { writeFileAtomic } from '../store/durable.ts';
 import { CaptureDevice } from './capture-device.ts';
 import { Journal, type RecordKind } from './journal.ts';
+import { describeReservation, MainRouter, ReservationBlockedError, type MainAccess, type MainCommandOptions } from './reservations.ts';
 import { SnapshotMap, type MapExtent } from './snapshot-map.ts';
 import type { Volume } from './volume.ts';
 import type { MainSession } from '../switch/main-control.ts';
@@ -137,6 +139,10 @@ export interface DrainStats {
 }
 
 const MiB = 1024 * 1024;
+/** Largest single READ the copier and the base reads send to main. */
+const COPY_READ_BYTES = MiB;
+/** Chunks the copier reads at once (copyQueueDepth), each in READs of COPY_READ_BYTES. */
+const DEFAULT_COPY_QUEUE_DEPTH = 8;
 /** Largest WRITE SAME the drain sends when the main target states no limit. */
 const DEFAULT_MAX_WRITE_SAME_BLOCKS = 65536;
 /** How long a suspending backup lets commands already executing finish. */
@@ -176,12 +182,6 @@ async function commandPastUnitAttention(s: InitiatorSession, lun: number, cdb: B
 function failure(r: CommandResult, what: string): Error {
   const key = senseKey(r);
   return new Error(`${what} on the main volume failed (status 0x${r.status.toString(16)}${key >= 0 ? `, sense key 0x${key.toString(16)}` : ''})`);
-}
-
-async function commandGood(s: InitiatorSession, lun: number, cdb: Buffer, opts: { dataOut?: Buffer; dataInLength?: number }, what: string) {
-  const r = await commandPastUnitAttention(s, lun, cdb, opts);
-  if (r.status !== ScsiStatus.GOOD) throw failure(r, what);
-  return r;
 }
 
 function sleep(ms: number): Promise<void> {
@@ -236,11 +236,16 @@ export class BackupRun {
   suspended = false;
   readonly drainStats: DrainStats = { writes: 0, writeSames: 0, unmaps: 0 };
   private engineSession: InitiatorSession | undefined;
+  /** Where detour's own commands for the main LUN go: see reservations.ts. */
+  private mainRouter: MainRouter | undefined;
+  /** Set while a reservation on main keeps the drain from writing: the error shown meanwhile. */
+  private blockedNote: { base: string | null; message: string } | undefined;
   private writer: BackupWriter | undefined;
   /** Why a resumed backup has no writer: its store record could not be taken up. */
   private storeProblem: string | undefined;
   private cancelled = false;
   private suspendRequested = false;
+  private shutdownWanted = false;
   /** A reason to give the backup up that arose outside the run loop (the journal filling up). */
   private abortReason: Error | undefined;
   /** Cutover or give-up is under way: it runs to its end, a suspend waits for it. */
@@ -319,6 +324,8 @@ export class BackupRun {
    * is parked or ended.
    */
   async suspend(): Promise<void> {
+    // Honoured later if the cutover or give-up under way finds the drain blocked (waitOutReservation).
+    this.shutdownWanted = true;
     if (this.state === 'running' && !this.handingBack && this.phase !== 'cutover') this.suspendRequested = true;
     await this.done;
   }
@@ -366,6 +373,38 @@ export class BackupRun {
     void this.run()
       .catch((err: Error) => this.log.error({ backupId: this.id, err: err.message }, 'backup run ended abnormally'))
       .finally(() => this.settleDone());
+  }
+
+  /**
+   * detour's commands for the main LUN: on the engine session, or, while a reservation shuts it
+   * out, on the nexus of an initiator that main allows (the holder's).
+   */
+  private get main(): MainRouter {
+    this.mainRouter ??= new MainRouter({
+      engine: () => {
+        const s = this.engineSession;
+        if (!s) return undefined;
+        return {
+          name: 'engine',
+          borrowed: false,
+          get closed() {
+            return s.isClosed;
+          },
+          command: (lun, cdb, opts) => s.command(lun, cdb, opts),
+        };
+      },
+      borrowable: () => this.volume.forwarder.backendPaths(),
+      lun: () => this.lun,
+      logger: this.log,
+      logFields: () => ({ backupId: this.id, phase: this.phase }),
+    });
+    return this.mainRouter;
+  }
+
+  private async mainGood(access: MainAccess, cdb: Buffer, opts: MainCommandOptions, what: string) {
+    const r = await this.main.command(access, cdb, opts);
+    if (r.status !== ScsiStatus.GOOD) throw failure(r, what);
+    return r;
   }
 
   private async connectMain(): Promise<InitiatorSession> {
@@ -531,9 +570,19 @@ export class BackupRun {
       // Before the first write to main: from here on a restart must not copy from it.
       this.setPhase('draining');
       await this.saveState();
-      await this.drainUntilCutover();
-      this.setPhase('cutover');
-      await this.cutover();
+      for (;;) {
+        await this.drainUntilCutover();
+        this.setPhase('cutover');
+        try {
+          await this.cutover();
+          break;
+        } catch (err) {
+          // The gate is open again; the drain loop waits the reservation out.
+          if (!(err instanceof ReservationBlockedError)) throw err;
+          this.handingBack = false;
+          this.setPhase('draining');
+        }
+      }
       if (!this.writer) throw new Error(this.storeProblem ?? 'no store record');
       const rec = await this.writer.complete({ finishedAt: new Date(), startedAt: this.startedAt, freezeSeq: this.freezeSeq ?? 0 });
       // Settled on disk before anyone is told: a backup shown completed has no leftovers.
@@ -558,6 +607,11 @@ export class BackupRun {
       try {
         await this.abandon(cancelled ? 'cancelled' : 'failed', this.error);
       } catch (e) {
+        // Shut down while a reservation kept the journal from main: nothing was handed back.
+        if (e instanceof SuspendedError) {
+          await this.park();
+          return;
+        }
         this.log.error({ backupId: this.id, err: (e as Error).message }, 'could not hand the sessions back cleanly');
       }
       try {
@@ -670,7 +724,7 @@ export class BackupRun {
     if (this.freezeSeq === null) {
       // Commands that were already on their way to main finish before the freeze.
       await v.forwardIdle();
-      await commandGood(this.engineSession!, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE at the freeze');
+      await this.mainGood('write', buildSyncCache10(), {}, 'SYNCHRONIZE CACHE at the freeze');
       this.freezeSeq = journal.lastSeq;
       await this.saveState();
       this.log.info({ backupId: this.id, phase: 'switching', freezeSeq: this.freezeSeq, initiators: [...expected] }, 'volume frozen');
@@ -680,6 +734,10 @@ export class BackupRun {
       this.log.info({ backupId: this.id, phase: this.phase, freezeSeq: this.freezeSeq }, 'sessions taken over again; the volume is still frozen');
     }
     v.gate.open();
+    // For the operator only (the routes follow main's answers, see reservations.ts), and after the
+    // gate opens, so that it does not lengthen the pause.
+    const prs = await this.main.state();
+    if (prs?.reservation) this.log.warn({ backupId: this.id, phase: this.phase, reservation: describeReservation(prs) }, "the main volume is reserved: whatever main refuses on detour's own session goes through a nexus it allows");
   }
 
   /**
@@ -693,47 +751,105 @@ export class BackupRun {
   // ---- copy ---------------------------------------------------------------------------------
 
   private async readMain(lba: number, blocks: number): Promise<Buffer> {
-    const s = this.engineSession!;
-    const maxBlocks = Math.max(1, Math.floor(MiB / this.blockSize));
-    if (blocks <= maxBlocks) return this.readOnce(s, lba, blocks);
-    const parts: Promise<Buffer>[] = [];
-    for (let o = 0; o < blocks; o += maxBlocks) parts.push(this.readOnce(s, lba + o, Math.min(maxBlocks, blocks - o)));
-    return Buffer.concat(await Promise.all(parts));
+    return this.readMainInto(lba, blocks, Buffer.allocUnsafe(blocks * this.blockSize));
   }
 
-  private async readOnce(s: InitiatorSession, lba: number, blocks: number): Promise<Buffer> {
-    const r = await commandGood(s, this.lun, buildRead16(lba, blocks), { dataInLength: blocks * this.blockSize }, `READ of ${blocks} blocks at ${lba}`);
-    if (!r.data || r.data.length !== blocks * this.blockSize) throw new Error(`READ of ${blocks} blocks at ${lba} from the main volume returned ${r.data?.length ?? 0} bytes`);
-    return r.data;
+  /**
+   * Reads `blocks` blocks at `lba` into `buf` (at least that long) and returns the view of `buf`
+   * that holds them. Long reads go as several READs at once, each landing in its own part of the
+   * buffer. `buf` may still be written to after a rejection: only reuse it after a success.
+   */
+  private async readMainInto(lba: number, blocks: number, buf: Buffer): Promise<Buffer> {
+    const maxBlocks = Math.max(1, Math.floor(COPY_READ_BYTES / this.blockSize));
+    const bs = this.blockSize;
+    const parts: Promise<void>[] = [];
+    for (let o = 0; o < blocks; o += maxBlocks) {
+      const n = Math.min(maxBlocks, blocks - o);
+      parts.push(this.readOnce(lba + o, n, buf.subarray(o * bs, (o + n) * bs)));
+    }
+    await Promise.all(parts);
+    return buf.subarray(0, blocks * bs);
   }
 
+  private async readOnce(lba: number, blocks: number, into: Buffer): Promise<void> {
+    const length = blocks * this.blockSize;
+    // Data-In lands in `into` directly on detour's own session; a route that keeps its own
+    // buffers hands back another one, copied below.
+    const opts = { dataInLength: length, dataInBuffer: into };
+    const r = await this.mainGood('read', buildRead16(lba, blocks), opts, `READ of ${blocks} blocks at ${lba}`);
+    if (!r.data || r.data.length !== length) throw new Error(`READ of ${blocks} blocks at ${lba} from the main volume returned ${r.data?.length ?? 0} bytes`);
+    if (r.data.buffer !== into.buffer || r.data.byteOffset !== into.byteOffset) r.data.copy(into);
+  }
+
+  /**
+   * Copies the chunks the store is missing from the frozen main volume. `depth` workers each own
+   * one chunk-sized buffer, reused for every chunk they read. A worker hands its chunk to the
+   * writer only once every earlier chunk has been handed over: the writer then feeds its
+   * whole-image SHA-256 straight from these buffers, in order, and never reads a chunk back. The
+   * writer returns as soon as the bytes are in the chunk file, so the buffer goes back to reading
+   * while the chunk waits for its group commit; bytesCopied counts chunks once durable.
+   */
   private async copy(): Promise<void> {
     const w = this.writer!;
     const todo = w.missingChunks();
     this.bytesCopied = this.bytesTotal - todo.reduce((n, i) => n + w.chunkLength(i), 0);
-    const depth = this.opts.copyQueueDepth ?? 4;
+    const depth = Math.max(1, this.opts.copyQueueDepth ?? DEFAULT_COPY_QUEUE_DEPTH);
     const rate = this.opts.copyRateLimit;
     const t0 = Date.now();
     // The rate limit counts what this process copied: after a resume the earlier part is done.
     let copiedHere = 0;
     const behind = () => (rate ? (copiedHere / rate) * 1000 - (Date.now() - t0) : 0);
     let next = 0;
-    await runWorkers(depth, async (stop) => {
-      while (next < todo.length && !stop()) {
-        this.checkStop();
-        const i = todo[next++]!;
-        const offset = w.chunkOffset(i);
-        const length = w.chunkLength(i);
-        const data = await this.readMain(offset / this.blockSize, length / this.blockSize);
-        await w.writeChunk(i, data);
-        this.bytesCopied += length;
-        copiedHere += length;
-        this.opts.hooks?.copied?.(this, length);
-        // Stay at or under the limit on average: wait until the elapsed time covers the bytes.
-        // The wait is sliced so that a cancel or a shutdown does not sit out a long wait at a low limit.
-        for (let ahead = behind(); ahead > 0 && !this.stopRequested(); ahead = behind()) await sleep(Math.min(ahead, 250));
-      }
-    });
+    // Settles when the chunk taken before is handed to the writer (or given up).
+    let lastTurn: Promise<void> = Promise.resolve();
+    const committing = new Set<Promise<void>>();
+    let commitFailure: { err: unknown } | undefined;
+    // Page-aligned shared memory: the store writes each chunk with O_DIRECT and hashes it on
+    // another thread, both straight from here.
+    const buffers = allocChunkBuffers(depth, w.chunkSize);
+    try {
+      await runWorkers(depth, async (stop) => {
+        const buf = buffers.pop()!;
+        while (next < todo.length && !stop()) {
+          if (commitFailure) throw commitFailure.err;
+          this.checkStop();
+          const i = todo[next++]!;
+          const length = w.chunkLength(i);
+          const myTurn = lastTurn;
+          let passTurn!: () => void;
+          lastTurn = new Promise<void>((resolve) => (passTurn = resolve));
+          let put: Promise<{ durable: Promise<void> }>;
+          try {
+            const data = await this.readMainInto(w.chunkOffset(i) / this.blockSize, length / this.blockSize, buf);
+            await myTurn;
+            // The writer hashes within this call: the next worker may go as soon as it returns.
+            put = w.putChunk(i, data);
+          } finally {
+            passTurn();
+          }
+          const { durable } = await put;
+          const tracked = durable.then(
+            () => {
+              this.bytesCopied += length;
+              this.opts.hooks?.copied?.(this, length);
+            },
+            (err: unknown) => {
+              commitFailure ??= { err };
+            },
+          );
+          committing.add(tracked);
+          void tracked.finally(() => committing.delete(tracked));
+          copiedHere += length;
+          // Stay at or under the limit on average: wait until the elapsed time covers the bytes.
+          // The wait is sliced so that a cancel or a shutdown does not sit out a long wait at a low limit.
+          for (let ahead = behind(); ahead > 0 && !this.stopRequested(); ahead = behind()) await sleep(Math.min(ahead, 250));
+        }
+      });
+    } finally {
+      // Nothing may still be on its way to the store when the caller goes on (to park, to fail).
+      while (committing.size) await Promise.all(committing);
+    }
+    if (commitFailure) throw commitFailure.err;
   }
 
   // ---- drain and cutover ------------------------------------------------------------------------
@@ -751,7 +867,8 @@ export class BackupRun {
       if (snap.atSeq > journal.drainedSeq) await journal.markDrained(snap.atSeq);
       return 0;
     }
-    const s = this.engineSession!;
+    // A nexus lent by an initiator is used only while main insists: every round asks again.
+    this.main.preferOwn();
     const t0 = process.hrtime.bigint();
     let bytes = 0;
     const maxBlocks = Math.max(1, Math.floor(MiB / this.blockSize));
@@ -766,10 +883,11 @@ export class BackupRun {
       while (next < jobs.length && !stop()) {
         if (interruptible) this.checkStop();
         const { e, off, n } = jobs[next++]!;
-        bytes += await this.drainExtent(s, journal, e, off, n, maxBlocks);
+        bytes += await this.drainExtent(journal, e, off, n, maxBlocks);
       }
     });
-    await commandGood(s, this.lun, buildSyncCache10(), {}, 'SYNCHRONIZE CACHE after a drain round');
+    // The cache is the LU's: one SYNCHRONIZE CACHE covers writes sent on any nexus.
+    await this.mainGood('write', buildSyncCache10(), {}, 'SYNCHRONIZE CACHE after a drain round');
     // Only now is the data durable on main: forget it, then let the journal free its space.
     map.release(snap);
     await journal.markDrained(snap.atSeq);
@@ -782,14 +900,14 @@ export class BackupRun {
   }
 
   /** Blocks [off, off+n) of a map extent to main; returns the logical bytes written. */
-  private async drainExtent(s: InitiatorSession, journal: Journal, e: MapExtent, off: number, n: number, maxBlocks: number): Promise<number> {
+  private async drainExtent(journal: Journal, e: MapExtent, off: number, n: number, maxBlocks: number): Promise<number> {
     const lba = e.lba + off;
     const kind = e.location.kind;
-    if (kind !== 'write' && this.mainWriteSame && (await this.writeSameToMain(s, journal, e, kind, lba, n))) return n * this.blockSize;
+    if (kind !== 'write' && this.mainWriteSame && (await this.writeSameToMain(journal, e, kind, lba, n))) return n * this.blockSize;
     for (let o = 0; o < n; o += maxBlocks) {
       const m = Math.min(maxBlocks, n - o);
       const data = await journal.readData(e.location, e.offsetInRecord + off + o, m);
-      await commandGood(s, this.lun, buildWrite16(lba + o, m), { dataOut: data }, `WRITE of ${m} blocks at ${lba + o}`);
+      await this.mainGood('write', buildWrite16(lba + o, m), { dataOut: data }, `WRITE of ${m} blocks at ${lba + o}`);
       this.drainStats.writes++;
     }
     return n * this.blockSize;
@@ -801,10 +919,10 @@ export class BackupRun {
    * since the capture view showed zeros there; otherwise it is a WRITE SAME of a zero block.
    * Returns false, for a plain write instead, when main refuses WRITE SAME (ILLEGAL REQUEST).
    */
-  private async writeSameToMain(s: InitiatorSession, journal: Journal, e: MapExtent, kind: RecordKind, lba: number, n: number): Promise<boolean> {
+  private async writeSameToMain(journal: Journal, e: MapExtent, kind: RecordKind, lba: number, n: number): Promise<boolean> {
     const block = kind === 'write-same' ? await journal.readData(e.location, 0, 1) : Buffer.alloc(this.blockSize);
     const unmap = kind === 'unmap' && this.mainUnmapZeroes;
-    const r = await commandPastUnitAttention(s, this.lun, buildWriteSame16(lba, n, { unmap }), { dataOut: block });
+    const r = await this.main.command('write', buildWriteSame16(lba, n, { unmap }), { dataOut: block });
     if (r.status === ScsiStatus.GOOD) {
       if (kind === 'unmap') this.drainStats.unmaps++;
       else this.drainStats.writeSames++;
@@ -814,7 +932,7 @@ export class BackupRun {
       if (unmap) {
         this.mainUnmapZeroes = false;
         this.log.info({ backupId: this.id, phase: this.phase }, 'main target refuses WRITE SAME with UNMAP: unmapped ranges are drained as WRITE SAME of zeros');
-        return this.writeSameToMain(s, journal, e, kind, lba, n);
+        return this.writeSameToMain(journal, e, kind, lba, n);
       }
       this.mainWriteSame = false;
       this.log.info({ backupId: this.id, phase: this.phase }, 'main target refuses WRITE SAME: write-same and unmap records are drained as plain writes');
@@ -832,13 +950,57 @@ export class BackupRun {
 
   private async drainUntilCutover(): Promise<void> {
     const budgetSec = this.volume.config.ioTimeoutBudget / 1000;
-    for (;;) {
+    for (let blocked = 0; ; ) {
       this.checkStop();
-      await this.drainRound(true);
+      try {
+        await this.drainRound(true);
+      } catch (err) {
+        if (!(err instanceof ReservationBlockedError)) throw err;
+        await this.waitOutReservation(err, blocked++);
+        continue;
+      }
+      blocked = 0;
+      this.reservationCleared();
       // Cut over once what is left fits well inside the initiators' budget.
       if (this.estimateSeconds() < budgetSec / 2) return;
       if (this.map!.size === 0) await sleep(50);
     }
+  }
+
+  /**
+   * A reservation on main lets no session detour has write the journal there. The journal is then
+   * the only copy of writes the initiators were told are done, so nothing is handed back: the
+   * volume stays captured (commands flow, main keeps judging every one of them on the initiator's
+   * own nexus), the backup shows why in its error, and the drain is tried again. It goes on once
+   * main allows a nexus detour has (the reservation released, cleared or preempted to a nexus
+   * connected through detour), or the backup is parked by a shutdown and taken up by the next start.
+   */
+  private async waitOutReservation(err: ReservationBlockedError, attempt: number): Promise<void> {
+    const message = `the journal cannot be drained to the main volume: ${err.message}; the volume stays captured and the drain is retried`;
+    const base = this.blockedNote ? this.blockedNote.base : this.error;
+    this.blockedNote = { base, message };
+    this.error = base ? `${base}; ${message}` : message;
+    // A shutdown must be able to park it: that needs the phase a restart can take up.
+    if (this.phase !== 'draining') this.setPhase('draining');
+    if (attempt === 0 || attempt % 30 === 0) {
+      const j = this.journal;
+      this.log.error(
+        { backupId: this.id, phase: this.phase, err: err.message, access: err.access, journal: j ? { records: j.records, lastSeq: j.lastSeq, drainedSeq: j.drainedSeq } : null },
+        'drain blocked by a reservation on the main volume: the volume stays captured, nothing is handed back',
+      );
+    }
+    if (this.shutdownWanted) this.suspendRequested = true;
+    const until = Date.now() + Math.min(250 * 2 ** attempt, 2000);
+    while (Date.now() < until && !this.suspendRequested) await sleep(50);
+    if (this.suspendRequested) throw new SuspendedError('suspended');
+  }
+
+  private reservationCleared(): void {
+    const note = this.blockedNote;
+    if (!note) return;
+    this.blockedNote = undefined;
+    this.error = note.base;
+    this.log.info({ backupId: this.id, phase: this.phase, route: { write: this.main.routeName('write'), read: this.main.routeName('read') } }, 'drain no longer blocked by a reservation');
   }
 
   /**
@@ -886,20 +1048,49 @@ export class BackupRun {
       await this.disposeJournal();
       return;
     }
+    // The drain below writes main: from here on a restart must not copy from it.
+    const j = this.journal;
+    if (j && this.map && (this.map.size > 0 || j.drainedSeq < j.lastSeq) && (this.phase === 'switching' || this.phase === 'copying')) {
+      this.setPhase('draining');
+      await this.saveState();
+    }
     this.handingBack = true;
     v.gate.close();
+    let keepCaptured = false;
     try {
-      // Also with nothing to drain yet: a write already executing is appended after this look.
-      if (v.capture) await this.idleWhileDraining(v.capture);
-      if (this.journal && this.map) while (this.map.size > 0 || this.journal.drainedSeq < this.journal.lastSeq) await this.drainRound(false);
+      for (let blocked = 0; ; ) {
+        try {
+          // Also with nothing to drain yet: a write already executing is appended after this look.
+          if (v.capture) await this.idleWhileDraining(v.capture);
+          if (this.journal && this.map) while (this.map.size > 0 || this.journal.drainedSeq < this.journal.lastSeq) await this.drainRound(false);
+          break;
+        } catch (err) {
+          if (!(err instanceof ReservationBlockedError)) throw err;
+          // Handing back now would lose acknowledged writes: stay captured and try again.
+          this.handingBack = false;
+          v.gate.open();
+          try {
+            await this.waitOutReservation(err, blocked++);
+          } catch (stop) {
+            keepCaptured = true;
+            throw stop;
+          }
+          this.handingBack = true;
+          v.gate.close();
+        }
+      }
+      this.reservationCleared();
     } finally {
-      // The sessions go back even if the drain failed. Replaying this journal onto main after
-      // that would overwrite the initiators' newer writes, so the record says it must not be.
-      await this.markHandedBack(state, error).catch((e: Error) => this.log.error({ backupId: this.id, err: e.message }, 'could not record the hand-back'));
-      v.capture = undefined;
-      v.accepting = false;
-      if (v.config.topology === 'main-directed') await v.control.redirectOff().catch(() => {});
-      v.gate.open();
+      if (!keepCaptured) {
+        // The sessions go back even if the drain failed (but not for a reservation, above).
+        // Replaying this journal onto main after that would overwrite the initiators' newer
+        // writes, so the record says it must not be.
+        await this.markHandedBack(state, error).catch((e: Error) => this.log.error({ backupId: this.id, err: e.message }, 'could not record the hand-back'));
+        v.capture = undefined;
+        v.accepting = false;
+        if (v.config.topology === 'main-directed') await v.control.redirectOff().catch(() => {});
+        v.gate.open();
+      }
     }
     if (v.config.topology !== 'inline') v.requestLogoutAll(2);
     await this.disposeJournal();

@@ -16,7 +16,7 @@ import {
 } from 'iscsi-node-wire';
 import { RangeLock } from '../scsi/logical-unit.ts';
 import type { ItNexus, ScsiOutcome, ScsiTargetDevice, ScsiTask } from '../scsi/task.ts';
-import { JournalDataDrainedError, type Journal, type JournalLocation } from './journal.ts';
+import { JournalDataDrainedError, type AppendRequest, type Journal, type JournalLocation } from './journal.ts';
 
 const GOOD = 0x00;
 const CHECK_CONDITION = 0x02;
@@ -29,6 +29,8 @@ export type ViewPiece =
 /** The snapshot map as the capture device needs it. */
 export interface CaptureMap {
   lookup(lba: number, blocks: number): ViewPiece[];
+  /** True when any block of the range is mapped to the journal. */
+  overlaps(lba: number, blocks: number): boolean;
 }
 
 /** Everything the capture device works with; owned by the backup run. */
@@ -69,6 +71,11 @@ const PURE_QUERIES = new Set<number>([
   ScsiOp.TEST_UNIT_READY, ScsiOp.INQUIRY, ScsiOp.READ_CAPACITY_10, ScsiOp.SERVICE_ACTION_IN_16, ScsiOp.MODE_SENSE_6,
   ScsiOp.MODE_SENSE_10, ScsiOp.REPORT_LUNS, ScsiOp.PERSISTENT_RESERVE_IN, ScsiOp.SYNCHRONIZE_CACHE_10, ScsiOp.SYNCHRONIZE_CACHE_16,
 ]);
+
+/** The key of a nexus's recent verdict for one kind of command. */
+function accessKey(task: ScsiTask, cdb: BlockCdb): string {
+  return `${task.nexus.initiatorPort}/${task.nexus.tsih}/${cdb.kind}`;
+}
 
 /** Plain READ/WRITE (10/12/16) without protection information: one verdict serves them all. */
 function cacheableAccess(cdb: BlockCdb, raw: Buffer): boolean {
@@ -226,6 +233,8 @@ export class CaptureDevice implements ScsiTargetDevice {
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private limits: Promise<MainLimits> | undefined;
+  /** What `limits` resolved to, for the paths that must not wait for a promise. */
+  private knownLimits: MainLimits | undefined;
   /**
    * Bumped by anything that can change the main target's verdict on a nexus's reads and writes:
    * a command forwarded to it that is not a pure query (PERSISTENT RESERVE OUT, RESERVE, MODE
@@ -272,16 +281,33 @@ export class CaptureDevice implements ScsiTargetDevice {
     return this.forward.execute(task);
   }
 
-  async execute(task: ScsiTask): Promise<ScsiOutcome> {
+  // Not an async function, and neither are the paths of plain READ and WRITE below: at tens of
+  // thousands of commands per second every promise a command costs shows up.
+  execute(task: ScsiTask): Promise<ScsiOutcome> {
     this.inFlight++;
+    let running: Promise<ScsiOutcome>;
     try {
-      return await this.dispatch(task);
-    } finally {
-      if (--this.inFlight === 0) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
-      }
+      running = this.dispatch(task);
+    } catch (err) {
+      running = Promise.reject(err);
+    }
+    return running.then(
+      (o) => {
+        this.settled();
+        return o;
+      },
+      (err: unknown) => {
+        this.settled();
+        throw err;
+      },
+    );
+  }
+
+  private settled(): void {
+    if (--this.inFlight === 0) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
     }
   }
 
@@ -335,11 +361,8 @@ export class CaptureDevice implements ScsiTargetDevice {
   private async checkAccess(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome | undefined> {
     const probe = accessProbeCdb(cdb, task.cdb);
     if (!probe) return undefined;
-    const key = cacheableAccess(cdb, task.cdb) ? `${task.nexus.initiatorPort}/${task.nexus.tsih}/${cdb.kind}` : undefined;
-    if (key !== undefined) {
-      const v = this.allowed.get(key);
-      if (v && v.epoch === this.accessEpoch && v.until > Date.now()) return undefined;
-    }
+    const key = cacheableAccess(cdb, task.cdb) ? accessKey(task, cdb) : undefined;
+    if (key !== undefined && this.recentlyAllowed(key)) return undefined;
     const epoch = this.accessEpoch;
     let o: ScsiOutcome;
     try {
@@ -358,11 +381,20 @@ export class CaptureDevice implements ScsiTargetDevice {
     return { status: o.status, ...(o.sense ? { sense: o.sense } : {}), ...(o.response ? { response: o.response } : {}) };
   }
 
+  private recentlyAllowed(key: string): boolean {
+    const v = this.allowed.get(key);
+    return v !== undefined && v.epoch === this.accessEpoch && v.until > Date.now();
+  }
+
   /** The main target's limits, asked once per capture on the first nexus that needs them. */
   private mainLimits(task: ScsiTask): Promise<MainLimits> {
     if (!this.limits) {
       const p = this.fetchLimits(task);
       this.limits = p;
+      p.then(
+        (l) => (this.knownLimits = l),
+        () => {},
+      );
       // A backend that failed to answer is asked again by the next command.
       p.catch(() => {
         if (this.limits === p) this.limits = undefined;
@@ -386,13 +418,13 @@ export class CaptureDevice implements ScsiTargetDevice {
     return parseMainLimits(await page(0xb0), await page(0xb2));
   }
 
-  private async dispatch(task: ScsiTask): Promise<ScsiOutcome> {
+  private dispatch(task: ScsiTask): Promise<ScsiOutcome> {
     if (task.lun !== this.ctx.lun) return this.forwardCommand(task);
     let cdb;
     try {
       cdb = decodeBlockCdb(task.cdb);
     } catch (err) {
-      if (err instanceof ScsiCdbError) return { status: CHECK_CONDITION, sense: buildSense({ key: err.sense.key, asc: err.sense.asc, ascq: err.sense.ascq }) };
+      if (err instanceof ScsiCdbError) return Promise.resolve({ status: CHECK_CONDITION, sense: buildSense({ key: err.sense.key, asc: err.sense.asc, ascq: err.sense.ascq }) });
       throw err;
     }
     if (!cdb) {
@@ -400,7 +432,7 @@ export class CaptureDevice implements ScsiTargetDevice {
       // EXTENDED COPY, WRITE LONG...) must not reach the frozen volume, and nothing may read user
       // data from it past the capture view (READ LONG, READ(32)): refuse those. So are opcodes
       // nobody here knows, since they could be either (the obsolete XDWRITE family writes).
-      if (scsiOpModifiesMedium(task.cdb) || readsMediumPastView(task.cdb) || scsiOpName(task.cdb).startsWith('UNKNOWN_')) return INVALID_OPCODE();
+      if (scsiOpModifiesMedium(task.cdb) || readsMediumPastView(task.cdb) || scsiOpName(task.cdb).startsWith('UNKNOWN_')) return Promise.resolve(INVALID_OPCODE());
       return this.forwardCommand(task);
     }
     // SYNCHRONIZE CACHE and PRE-FETCH change no block: the main target answers them itself (every
@@ -410,6 +442,48 @@ export class CaptureDevice implements ScsiTargetDevice {
     if (cdb.cdbLength !== 6 && cdb.kind !== 'write-same' && (cdb.kind === 'unmap' ? cdb.parameterListLength === 0 : cdb.blocks === 0)) {
       return this.forwardCommand(task);
     }
+    if (cdb.kind === 'read') return this.read(task, cdb);
+    if (cdb.kind === 'write') {
+      // The common write: allowed on this nexus a moment ago, limits known. No promise but the
+      // journal's own until GOOD.
+      const limits = this.knownLimits;
+      if (limits && cacheableAccess(cdb, task.cdb) && this.recentlyAllowed(accessKey(task, cdb))) return this.writeCommand(task, cdb, limits);
+    }
+    return this.medium(task, cdb);
+  }
+
+  /**
+   * A READ. Blocks nobody has written since the freeze are only on the frozen main volume, so a
+   * READ of nothing else is forwarded as it is on the initiator's own backend session: the main
+   * target's answer (data, status, its own checks of the CDB, reservations, protection
+   * information) is the whole answer, its data comes in a pooled buffer, and the reads of
+   * different initiators do not queue behind each other or the backup's copy on one session.
+   * Main is frozen (and the drain only writes blocks the map still holds), so what it returns is
+   * the capture view. A READ of written blocks is put together from the journal and main.
+   */
+  private read(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome> {
+    const { journal, map } = this.ctx;
+    if (journal.unreflectedOverlapping(cdb.lba, cdb.blocks) === undefined && !map.overlaps(cdb.lba, cdb.blocks)) return this.forwardRead(task);
+    return this.readWritten(task, cdb);
+  }
+
+  private forwardRead(task: ScsiTask): Promise<ScsiOutcome> {
+    return this.forward.execute(task).then((o) => {
+      // A refusal (a reservation, a unit attention...) may be news for other nexus too.
+      if (o.status !== GOOD || (o.response ?? 0) !== 0) this.accessEpoch++;
+      return o;
+    });
+  }
+
+  private async readWritten(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome> {
+    // Not before an overlapping write still on its way into the map: then look again.
+    await this.waitForUnreflected(cdb.lba, cdb.blocks);
+    if (!this.ctx.map.overlaps(cdb.lba, cdb.blocks)) return this.forwardRead(task);
+    return this.medium(task, cdb);
+  }
+
+  /** Everything else that touches the medium: the main target's verdict first, then the capture view. */
+  private async medium(task: ScsiTask, cdb: BlockCdb): Promise<ScsiOutcome> {
     if (cdb.kind === 'read' || cdb.kind === 'verify') {
       // Reads change nothing: ask the main target and read the capture view at the same time.
       const local = this.local(task, cdb);
@@ -443,15 +517,8 @@ export class CaptureDevice implements ScsiTargetDevice {
         return { status: GOOD, dataIn: data };
       }
       case 'write':
-      case 'write-and-verify': {
-        if (!inRange(cdb.lba, cdb.blocks)) return OUT_OF_RANGE();
-        if (tooLong(cdb.blocks)) return INVALID_FIELD();
-        const want = cdb.blocks * blockSize;
-        // Whole blocks that arrived are written, as a disk would (short Data-Out is a residual).
-        const usable = Math.min(want, task.dataOut.length - (task.dataOut.length % blockSize));
-        if (usable > 0) await this.write({ lba: cdb.lba, blocks: usable / blockSize, data: task.dataOut.subarray(0, usable) });
-        return { status: GOOD, dataOutLength: want };
-      }
+      case 'write-and-verify':
+        return this.writeCommand(task, cdb, limits);
       case 'write-same': {
         // The journal stores one block repeated, or unmapped blocks: it has no room for anchored
         // state beyond what the main target itself supports, nor for LBDATA/PBDATA (obsolete).
@@ -539,39 +606,63 @@ export class CaptureDevice implements ScsiTargetDevice {
     }
   }
 
+  /** WRITE and WRITE AND VERIFY (the data is durable in the journal, which verifies nothing less). */
+  private writeCommand(task: ScsiTask, cdb: BlockCdb, limits: MainLimits): Promise<ScsiOutcome> {
+    const { blockSize, blocks: capacity } = this.ctx;
+    if (cdb.lba + cdb.blocks > capacity) return Promise.resolve(OUT_OF_RANGE());
+    if (limits.maxTransferBlocks > 0 && cdb.blocks > limits.maxTransferBlocks) return Promise.resolve(INVALID_FIELD());
+    const want = cdb.blocks * blockSize;
+    const done: ScsiOutcome = { status: GOOD, dataOutLength: want };
+    // Whole blocks that arrived are written, as a disk would (short Data-Out is a residual).
+    const usable = Math.min(want, task.dataOut.length - (task.dataOut.length % blockSize));
+    if (usable === 0) return Promise.resolve(done);
+    return this.write({ lba: cdb.lba, blocks: usable / blockSize, data: task.dataOut.subarray(0, usable) }).then(() => done);
+  }
+
   /**
    * A write into the capture view that reads nothing first (WRITE, WRITE SAME, UNMAP). It waits
    * for an overlapping COMPARE AND WRITE / ORWRITE to finish, never the reverse: one of those must
    * not see another write land between its read and its own write.
    */
-  private async write(req: { lba: number; blocks: number; kind?: 'write' | 'write-same' | 'unmap'; data?: Buffer }): Promise<void> {
-    if (this.locks.size > 0) {
-      const release = await this.locks.acquire(req.lba, req.blocks);
-      try {
-        await this.append(req);
-      } finally {
-        release();
-      }
-      return;
+  private write(req: AppendRequest): Promise<unknown> {
+    if (this.locks.size > 0) return this.writeLocked(req);
+    return this.append(req);
+  }
+
+  private async writeLocked(req: AppendRequest): Promise<void> {
+    const release = await this.locks.acquire(req.lba, req.blocks);
+    try {
+      await this.append(req);
+    } finally {
+      release();
     }
-    await this.append(req);
   }
 
   /**
    * Journal append: resolves only after the record is durable and reflected into the snapshot
    * map (the journal calls the map's reflect hook before resolving), so GOOD may go out.
+   *
+   * The journal writes the data from the command's own buffer: a command's Data-Out, and the
+   * buffers COMPARE AND WRITE and ORWRITE put together, are fresh per command and nothing
+   * changes them before the command ends, which is after the append settles.
    */
-  private async append(req: { lba: number; blocks: number; kind?: 'write' | 'write-same' | 'unmap'; data?: Buffer }): Promise<void> {
-    await this.ctx.journal.append(req);
+  private append(req: AppendRequest): Promise<unknown> {
+    return this.ctx.journal.append({ ...req, borrow: true });
+  }
+
+  /** Waits until no write still on its way into the snapshot map overlaps the range. */
+  private async waitForUnreflected(lba: number, blocks: number): Promise<void> {
+    const { journal } = this.ctx;
+    for (let seq = journal.unreflectedOverlapping(lba, blocks); seq !== undefined; seq = journal.unreflectedOverlapping(lba, blocks)) {
+      await journal.waitReflected(seq);
+    }
   }
 
   /** Reads the capture view: snapshot map over the frozen main volume. */
   async readView(lba: number, blocks: number): Promise<Buffer> {
     const { journal, map, blockSize } = this.ctx;
     // A read must not overtake a write that is in the journal but not yet in the map.
-    for (let seq = journal.unreflectedOverlapping(lba, blocks); seq !== undefined; seq = journal.unreflectedOverlapping(lba, blocks)) {
-      await journal.waitReflected(seq);
-    }
+    await this.waitForUnreflected(lba, blocks);
     for (;;) {
       const pieces = map.lookup(lba, blocks);
       try {

@@ -15,7 +15,7 @@
 //   [ header: 512 bytes ][ data: dataBytes ][ zero padding to the next 512-byte boundary ]
 // Header fields (little-endian):
 //     0 u32 magic "DJRN"          4 u16 format version       6 u8 kind       7 u8 reserved
-//     8 u64 seq                  16 u64 commit group (seq of the first record of its fdatasync)
+//     8 u64 seq                  16 u64 durable floor (see below)
 //    24 u64 receive time (ms)    32 u64 lba                 40 u32 blocks   44 u32 block size
 //    48 u32 dataBytes            52 u32 recordBytes         56 8 bytes journal id
 //   508 u32 CRC32C over the data followed by header bytes 0..507
@@ -27,11 +27,21 @@
 // capacity is what bounds how long a backup may take, so space wins over page-aligned reads (the
 // page cache copies unaligned ranges at memory speed; Node cannot do O_DIRECT anyway).
 //
-// Why the commit group is in the header: after a crash only the last commit group can be partially
-// on disk, and the kernel may have written its pages in any order. The first bad record in the
-// last segment is a torn tail if no valid record behind it belongs to a *later* commit group; if
-// one does, the bad record was in a group whose fdatasync had completed, so it is real corruption
-// of acknowledged data and recovery refuses to guess.
+// Why the durable floor is in the header: it is the lowest seq that was not yet durable when the
+// record's bytes were handed to the kernel, so every record below it had passed its fdatasync by
+// then. After a crash only records written after the last completed fdatasync can be partially on
+// disk, in any order. The first bad record in the last segment is therefore a torn tail if no
+// valid record behind it has a floor above the bad seq; if one does, the bad record had been made
+// durable (and maybe acknowledged) before that one was written: real corruption, and recovery
+// refuses to guess. (Journals written one commit group at a time carry the seq of the group's
+// first record here, which is the same number.)
+//
+// Commit pipeline: writes and fdatasyncs overlap. While one fdatasync runs, the records arriving
+// meanwhile are already written (to the page cache), so the next fdatasync starts the moment the
+// previous one returns, and a commit group is everything written while its predecessor synced.
+// At most two groups are under way: one syncing, one being written. A group never spans segment
+// files, and nothing is written to a new segment before every record of the previous one is
+// durable, so a torn tail can only be in the last segment.
 
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
@@ -87,8 +97,19 @@ export interface AppendRequest {
   blocks: number;
   /** Default `'write'`. */
   kind?: RecordKind;
-  /** `'write'`: blocks*blockSize bytes; `'write-same'`: blockSize bytes; `'unmap'`: none. Copied. */
+  /**
+   * `'write'`: blocks*blockSize bytes; `'write-same'`: blockSize bytes; `'unmap'`: none. Copied,
+   * unless `borrow` is set.
+   */
   data?: Uint8Array;
+  /**
+   * Write `data` from the caller's buffer instead of a private copy. The caller promises not to
+   * change it until the promise settles: its CRC is taken at append() time, so bytes that changed
+   * before they reached the file would make a durable record fail its CRC. A command's gathered
+   * Data-Out qualifies (nothing writes into it while the command executes), and skipping the
+   * copy matters at tens of thousands of writes per second.
+   */
+  borrow?: boolean;
   /** Default `Date.now()`. */
   receiveTime?: number;
 }
@@ -241,8 +262,8 @@ export interface JournalOptions {
    */
   segmentBytes?: number;
   /**
-   * Largest commit group (one write + one fdatasync), also capped at segmentBytes. Default 8 MiB;
-   * a bigger record goes alone.
+   * Largest commit group (the records one fdatasync makes durable), also capped at segmentBytes.
+   * Default 8 MiB; a bigger record goes alone.
    */
   maxBatchBytes?: number;
   /**
@@ -262,7 +283,9 @@ export interface JournalOptions {
 /** Counters for metrics and tests. */
 export interface JournalStats {
   appends: number;
-  /** Commit groups written. */
+  /** Positional writes of records (several may make up one commit group). */
+  writes: number;
+  /** Commit groups made durable (one fdatasync each). */
   batches: number;
   /** Every fdatasync/fsync the journal issued: commit groups, new segments, the state file. */
   fsyncs: number;
@@ -286,6 +309,8 @@ const SCAN_CHUNK = 4 << 20;
 const STATE_FILE = 'journal-state.json';
 const STATE_TMP = 'journal-state.json.tmp';
 const SEGMENT_RE = /^segment-(\d{16})\.jnl$/;
+/** Padding after data that does not end on a 512-byte boundary (never written to). */
+const ZERO_PAD = new Uint8Array(ALIGN);
 
 const KIND_CODE: Record<RecordKind, number> = { write: 1, 'write-same': 2, unmap: 3 };
 const CODE_KIND: readonly (RecordKind | undefined)[] = [undefined, 'write', 'write-same', 'unmap'];
@@ -424,8 +449,10 @@ export const nodeJournalFs: JournalFileSystem = {
 interface Segment {
   readonly id: number;
   readonly file: JournalFile;
-  /** Bytes of complete, durable records (the append position). */
+  /** Bytes of complete, durable records. */
   size: number;
+  /** The append position: durable records plus those written and not yet synced. */
+  written: number;
   /** Highest seq in the segment; 0 while it holds none. */
   lastSeq: number;
   /** readData() calls in flight; a deleted segment is closed when this drops to 0. */
@@ -440,13 +467,24 @@ interface Pending {
   readonly blocks: number;
   readonly kind: RecordKind;
   readonly receiveTime: number;
-  /** Header + private copy of the data + padding; header CRC is filled in at write time. */
-  readonly image: Buffer;
+  /** The data as it goes to the file (a private copy, or the caller's buffer when borrowed). */
+  readonly data: Uint8Array | undefined;
   readonly dataBytes: number;
-  /** CRC32C of the data alone, computed when it was copied so later caller changes cannot matter. */
+  /** Header + data + padding. */
+  readonly recordBytes: number;
+  /** CRC32C of the data alone, computed at append() time. */
   readonly dataCrc: number;
   readonly resolve: (rec: JournalRecord) => void;
   readonly reject: (err: Error) => void;
+}
+
+/** Records written one after another to one segment and made durable by one fdatasync. */
+interface CommitGroup {
+  readonly seg: Segment;
+  readonly records: Pending[];
+  /** File offset of the first record. */
+  readonly start: number;
+  bytes: number;
 }
 
 interface Unreflected {
@@ -472,7 +510,7 @@ interface StateFile {
 
 interface ParsedRecord {
   readonly seq: number;
-  readonly batchFirstSeq: number;
+  readonly durableFloor: number;
   readonly receiveTime: number;
   readonly lba: number;
   readonly blocks: number;
@@ -507,6 +545,12 @@ class SegmentScanner {
   }
 }
 
+// DEBUGX
+import { appendFileSync as DBG_append } from 'node:fs';
+const DBG = { sync: 0, syncs: 0, recs: 0, bytes: 0, write: 0, writes: 0, last: performance.now(),
+  tick() { const now = performance.now(); if (now - this.last < 1000 || !process.env.JOURNAL_DEBUG) return;
+    DBG_append(process.env.JOURNAL_DEBUG, `${new Date().toISOString()} syncs ${this.syncs} avg ${(this.sync/this.syncs*1000).toFixed(0)}us recs/sync ${(this.recs/this.syncs).toFixed(1)} MB/s ${(this.bytes/(now-this.last)/1000).toFixed(0)} writes ${this.writes} avg ${(this.write/this.writes*1000).toFixed(0)}us\n`);
+    Object.assign(this, { sync: 0, syncs: 0, recs: 0, bytes: 0, write: 0, writes: 0, last: now }); } };
 // ---------------------------------------------------------------------------------------------
 // The journal
 // ---------------------------------------------------------------------------------------------
@@ -541,7 +585,7 @@ export class Journal extends EventEmitter<JournalEvents> {
   readonly highWaterRatio: number;
   readonly segmentBytes: number;
   readonly maxBatchBytes: number;
-  readonly stats: JournalStats = { appends: 0, batches: 0, fsyncs: 0, bytesWritten: 0, largestBatch: 0 };
+  readonly stats: JournalStats = { appends: 0, writes: 0, batches: 0, fsyncs: 0, bytesWritten: 0, largestBatch: 0 };
 
   private readonly fs: JournalFileSystem;
   private readonly reflectHook: ((record: JournalRecord) => void) | undefined;
@@ -568,10 +612,21 @@ export class Journal extends EventEmitter<JournalEvents> {
   private diskBytes = 0;
   private reservedBytes = 0;
 
-  private flushing = false;
-  private flushIdle: (() => void)[] = [];
-  /** Serialises commit groups, drain-state updates and segment deletion. */
-  private ioChain: Promise<void> = Promise.resolve();
+  /** A pump() is scheduled or the commit pipeline has work under way. */
+  private pumpQueued = false;
+  /** Records in the positional write under way, and the segment it goes to. */
+  private inWrite: Pending[] | undefined;
+  private writeSeg: Segment | undefined;
+  /** Written, waiting for the fdatasync under way to finish: the next commit group. */
+  private openGroup: CommitGroup | undefined;
+  /** The commit group in its fdatasync. */
+  private syncing: CommitGroup | undefined;
+  /** After a failure: the durable length the active segment is cut back to once nothing is in flight. */
+  private truncateAfterFailure: Segment | undefined;
+  private truncating = false;
+  private idleWaiters: (() => void)[] = [];
+  /** Serialises drain-state updates and segment deletion. */
+  private drainChain: Promise<void> = Promise.resolve();
 
   private reflectWaiters: Waiter[] = [];
   private drainWaiters: Waiter[] = [];
@@ -730,13 +785,12 @@ export class Journal extends EventEmitter<JournalEvents> {
       );
     }
 
-    // Copy and checksum the data now: the caller may reuse its buffer as soon as we return, and
-    // a CRC computed over bytes that then change would turn an acknowledged write into "torn".
-    const image = Buffer.allocUnsafe(recordBytes);
-    image.fill(0, 0, HEADER_BYTES);
-    if (dataBytes > 0) image.set(req.data!, HEADER_BYTES);
-    image.fill(0, HEADER_BYTES + dataBytes);
-    const dataCrc = dataBytes > 0 ? crc32c(image.subarray(HEADER_BYTES, HEADER_BYTES + dataBytes)) : 0;
+    // Checksum the data now, and copy it unless the caller lends it: a caller may reuse its
+    // buffer as soon as we return, and a CRC over bytes that then change would turn an
+    // acknowledged write into "torn".
+    let data: Uint8Array | undefined;
+    if (dataBytes > 0) data = req.borrow ? req.data! : Buffer.from(req.data!);
+    const dataCrc = data ? crc32c(data) : 0;
 
     const seq = ++this.assignedSeq;
     this.stats.appends++;
@@ -744,7 +798,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     this.unreflectedBlockCount += blocks;
 
     return new Promise<JournalRecord>((resolve, reject) => {
-      const p: Pending = { seq, lba, blocks, kind, receiveTime, image, dataBytes, dataCrc, resolve, reject };
+      const p: Pending = { seq, lba, blocks, kind, receiveTime, data, dataBytes, recordBytes, dataCrc, resolve, reject };
       if (this.spaceWaiters.length > 0 || !this.fits(recordBytes)) {
         this.spaceWaiters.push(p);
         if (this.spaceWaiters.length === 1) this.emit('blocked', this.usage);
@@ -759,19 +813,15 @@ export class Journal extends EventEmitter<JournalEvents> {
   }
 
   private admit(p: Pending): void {
-    this.reservedBytes += p.image.length;
+    this.reservedBytes += p.recordBytes;
     this.queue.push(p);
     this.checkHighWater();
-    if (!this.flushing) {
-      this.flushing = true;
-      // Start on a microtask so that appends issued in the same tick join the first group.
-      queueMicrotask(() => void this.flushLoop());
-    }
+    this.schedulePump();
   }
 
   private admitWaiters(): void {
     let admitted = false;
-    while (this.spaceWaiters.length > 0 && this.fits(this.spaceWaiters[0]!.image.length)) {
+    while (this.spaceWaiters.length > 0 && this.fits(this.spaceWaiters[0]!.recordBytes)) {
       this.admit(this.spaceWaiters.shift()!);
       admitted = true;
     }
@@ -789,75 +839,184 @@ export class Journal extends EventEmitter<JournalEvents> {
     }
   }
 
-  private async flushLoop(): Promise<void> {
-    try {
-      while (this.queue.length > 0 && !this.failure) {
-        const batch: Pending[] = [];
-        let bytes = 0;
-        // A group never spans segments, and never makes one outgrow segmentBytes (only a single
-        // record larger than that does): space is freed by whole segments, so their size is the
-        // granularity of back-pressure.
-        const limit = Math.min(this.maxBatchBytes, this.segmentBytes);
-        while (this.queue.length > 0) {
-          const next = this.queue[0]!;
-          if (batch.length > 0 && bytes + next.image.length > limit) break;
-          batch.push(this.queue.shift()!);
-          bytes += next.image.length;
-        }
-        await this.withIo(() => this.writeBatch(batch, bytes));
-      }
-    } finally {
-      this.flushing = false;
-      const idle = this.flushIdle;
-      this.flushIdle = [];
-      for (const f of idle) f();
-    }
+  // ---- the commit pipeline -------------------------------------------------------------------
+
+  /** Runs pump() on a microtask, so that appends issued in the same tick share one write. */
+  private schedulePump(): void {
+    if (this.pumpQueued) return;
+    this.pumpQueued = true;
+    queueMicrotask(() => {
+      this.pumpQueued = false;
+      this.pump();
+    });
   }
 
-  private withIo<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.ioChain.then(fn);
-    this.ioChain = run.then(
-      () => undefined,
-      () => undefined,
+  private get pipelineIdle(): boolean {
+    return (
+      !this.inWrite &&
+      !this.openGroup &&
+      !this.syncing &&
+      !this.truncating &&
+      !this.truncateAfterFailure &&
+      (this.queue.length === 0 || this.failure !== undefined)
     );
-    return run;
   }
 
-  /** One commit group: one positional write and one fdatasync, then acknowledgement in order. */
-  private async writeBatch(batch: Pending[], bytes: number): Promise<void> {
-    if (this.failure) {
-      for (const p of batch) p.reject(this.failure);
+  /** Starts whatever the pipeline can start now: the next fdatasync, the next write. */
+  private pump(): void {
+    if (!this.failure) {
+      // The sync first: it takes the open group along, which makes room for the next write.
+      if (!this.syncing && this.openGroup) this.startSync(this.openGroup);
+      if (!this.inWrite && this.queue.length > 0) this.startWrite();
+    }
+    if (this.inWrite || this.syncing || this.truncating) return;
+    const seg = this.truncateAfterFailure;
+    if (seg) {
+      this.truncateAfterFailure = undefined;
+      this.truncating = true;
+      // Best effort: do not leave unacknowledged records for recovery to find. Correctness does
+      // not depend on it (recovery may legitimately return records that were never acknowledged).
+      const done = () => {
+        this.truncating = false;
+        this.pump();
+      };
+      if (seg.deleted) done();
+      else seg.file.truncate(seg.size).then(done, done);
       return;
     }
+    if (this.pipelineIdle && this.idleWaiters.length > 0) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  /** Resolves when nothing admitted is waiting to be written or synced. */
+  private whenPipelineIdle(): Promise<void> {
+    if (this.pipelineIdle) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /**
+   * Writes the next queued records behind the open commit group, as long as the group stays
+   * within the batch limit. A group never spans segments, and never makes one outgrow
+   * segmentBytes (only a single record larger than that does): space is freed by whole segments,
+   * so their size is the granularity of back-pressure.
+   */
+  private startWrite(): void {
+    const limit = Math.min(this.maxBatchBytes, this.segmentBytes);
+    const group = this.openGroup;
+    let bytes = 0;
+    let n = 0;
+    const base = group?.bytes ?? 0;
+    while (n < this.queue.length) {
+      const next = this.queue[n]!.recordBytes;
+      if ((n > 0 || base > 0) && base + bytes + next > limit) break;
+      bytes += next;
+      n++;
+    }
+    if (n === 0) return; // the open group is full: it moves on when the fdatasync under way ends
+    const cur = this.active;
+    const fitsCurrent = cur !== undefined && !cur.deleted && (cur.written === 0 || cur.written + bytes <= this.segmentBytes);
+    // A new segment only once every record of the current one is durable, so that a torn tail
+    // can only ever be in the last segment.
+    if (!fitsCurrent && (group || this.syncing)) return;
+    const records = this.queue.splice(0, n);
+    this.inWrite = records;
+    void this.writeRecords(records, bytes, fitsCurrent ? cur : undefined);
+  }
+
+  private async writeRecords(records: Pending[], bytes: number, current: Segment | undefined): Promise<void> {
     let seg: Segment | undefined;
     let position = 0;
     try {
-      seg = await this.segmentFor(bytes);
-      position = seg.size;
-      const groupFirst = batch[0]!.seq;
-      for (const p of batch) this.fillHeader(p, groupFirst);
-      await seg.file.write(
-        batch.map((p) => p.image),
-        position,
-      );
+      seg = current ?? (await this.newSegment());
+      this.writeSeg = seg;
+      position = seg.written;
+      seg.written += bytes;
+      const iov = this.recordImages(records);
+      const t0 = performance.now(); // DEBUGX
+      await seg.file.write(iov, position);
+      DBG.write += performance.now() - t0; DBG.writes++; // DEBUGX
+      this.stats.writes++;
       this.stats.bytesWritten += bytes;
-      await seg.file.datasync();
-      this.stats.fsyncs++;
     } catch (err) {
-      const failure = new JournalFailedError(this.dir, err);
-      // Best effort: do not leave unacknowledged records for recovery to find. Correctness does
-      // not depend on it (recovery may legitimately return records that were never acknowledged).
-      if (seg) await seg.file.truncate(position).catch(() => undefined);
-      this.fail(failure, batch);
+      if (seg && seg.written === position + bytes) seg.written = position;
+      this.inWrite = undefined;
+      this.writeSeg = undefined;
+      this.fail(new JournalFailedError(this.dir, err), records);
+      this.pump();
       return;
     }
+    this.inWrite = undefined;
+    this.writeSeg = undefined;
+    if (this.failure) {
+      // Failed meanwhile; fail() has already rejected these records.
+      this.pump();
+      return;
+    }
+    const group = this.openGroup;
+    if (group) {
+      group.records.push(...records);
+      group.bytes += bytes;
+    } else {
+      this.openGroup = { seg, records, start: position, bytes };
+    }
+    this.pump();
+  }
+
+  /**
+   * Header, data and padding of each record, headers filled in now. The durable floor is taken
+   * here, as the bytes go to the kernel: every record below it has passed its fdatasync.
+   */
+  private recordImages(records: Pending[]): Uint8Array[] {
+    const floor = this.durable + 1;
+    const headers = Buffer.alloc(records.length * HEADER_BYTES);
+    const iov: Uint8Array[] = [];
+    for (let i = 0; i < records.length; i++) {
+      const p = records[i]!;
+      const h = headers.subarray(i * HEADER_BYTES, (i + 1) * HEADER_BYTES);
+      this.fillHeader(h, p, floor);
+      iov.push(h);
+      if (p.data) iov.push(p.data);
+      const pad = p.recordBytes - HEADER_BYTES - p.dataBytes;
+      if (pad > 0) iov.push(ZERO_PAD.subarray(0, pad));
+    }
+    return iov;
+  }
+
+  /** One commit group's fdatasync, then acknowledgement of its records in seq order. */
+  private startSync(group: CommitGroup): void {
+    this.openGroup = undefined;
+    this.syncing = group;
+    const t0 = performance.now(); // DEBUGX
+    group.seg.file.datasync().then(
+      () => {
+        DBG.sync += performance.now() - t0; DBG.syncs++; DBG.recs += group.records.length; DBG.bytes += group.bytes; DBG.tick(); // DEBUGX
+        this.syncing = undefined;
+        this.stats.fsyncs++;
+        // Failed meanwhile (a later write): fail() has rejected these records, which is allowed
+        // for records that may be durable; acknowledging them now would race the failure.
+        if (!this.failure) this.acknowledge(group);
+        this.pump();
+      },
+      (err: unknown) => {
+        this.syncing = undefined;
+        this.fail(new JournalFailedError(this.dir, err), group.records);
+        this.pump();
+      },
+    );
+  }
+
+  private acknowledge(group: CommitGroup): void {
+    const { seg, records } = group;
     this.stats.batches++;
-    this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
-    this.reservedBytes -= bytes;
-    this.diskBytes += bytes;
-    let offset = position;
-    for (let i = 0; i < batch.length; i++) {
-      const p = batch[i]!;
+    this.stats.largestBatch = Math.max(this.stats.largestBatch, records.length);
+    this.reservedBytes -= group.bytes;
+    this.diskBytes += group.bytes;
+    let offset = group.start;
+    for (let i = 0; i < records.length; i++) {
+      const p = records[i]!;
       const record: JournalRecord = {
         seq: p.seq,
         receiveTime: p.receiveTime,
@@ -866,44 +1025,41 @@ export class Journal extends EventEmitter<JournalEvents> {
         kind: p.kind,
         location: { segment: seg.id, offset: offset + HEADER_BYTES, kind: p.kind, blocks: p.blocks },
       };
-      offset += p.image.length;
+      offset += p.recordBytes;
       seg.size = offset;
       seg.lastSeq = p.seq;
       this.durable = p.seq;
       try {
         this.deliver(record);
       } catch (err) {
-        this.fail(new JournalFailedError(this.dir, err), batch.slice(i));
+        this.fail(new JournalFailedError(this.dir, err), records.slice(i));
         return;
       }
       p.resolve(record);
     }
   }
 
-  private fillHeader(p: Pending, groupFirst: number): void {
-    const h = p.image;
+  private fillHeader(h: Buffer, p: Pending, durableFloor: number): void {
     h.writeUInt32LE(MAGIC, 0);
     h.writeUInt16LE(FORMAT_VERSION, 4);
     h.writeUInt8(KIND_CODE[p.kind], 6);
     putU64(h, 8, p.seq);
-    putU64(h, 16, groupFirst);
+    putU64(h, 16, durableFloor);
     putU64(h, 24, p.receiveTime);
     putU64(h, 32, p.lba);
     h.writeUInt32LE(p.blocks, 40);
     h.writeUInt32LE(this.blockSize, 44);
     h.writeUInt32LE(p.dataBytes, 48);
-    h.writeUInt32LE(p.image.length, 52);
+    h.writeUInt32LE(p.recordBytes, 52);
     this.journalId.copy(h, 56);
     h.writeUInt32LE(crc32c(h.subarray(0, CRC_OFFSET), p.dataCrc), CRC_OFFSET);
   }
 
-  /** The segment the next commit group goes to, rolling over to a new file when full. */
-  private async segmentFor(bytes: number): Promise<Segment> {
-    const cur = this.active;
-    if (cur && (cur.size === 0 || cur.size + bytes <= this.segmentBytes)) return cur;
+  /** A new segment file for the next write, which becomes the active one. */
+  private async newSegment(): Promise<Segment> {
     const id = this.nextSegmentId++;
     const file = await this.fs.openFile(path.join(this.dir, segmentName(id)), 'create');
-    const seg: Segment = { id, file, size: 0, lastSeq: 0, readers: 0, deleted: false };
+    const seg: Segment = { id, file, size: 0, written: 0, lastSeq: 0, readers: 0, deleted: false };
     this.segments.set(id, seg);
     this.active = seg;
     // The file's name must be durable before any record in it is acknowledged.
@@ -926,11 +1082,29 @@ export class Journal extends EventEmitter<JournalEvents> {
     }
   }
 
+  /**
+   * Stops the journal: every record not yet acknowledged is rejected (those of `inFlight`, the
+   * groups written or syncing, the queue, the waiters), and the active segment is cut back to its
+   * durable length once no write or fdatasync is under way any more.
+   */
   private fail(failure: JournalFailedError, inFlight: Pending[]): void {
     if (!this.failure) this.failure = failure;
-    const victims = [...inFlight, ...this.queue.splice(0), ...this.spaceWaiters.splice(0)];
-    for (const p of victims) p.reject(this.failure);
+    const victims = [
+      ...inFlight,
+      ...(this.inWrite ?? []),
+      ...(this.openGroup?.records ?? []),
+      ...(this.syncing?.records ?? []),
+      ...this.queue.splice(0),
+      ...this.spaceWaiters.splice(0),
+    ];
+    this.openGroup = undefined;
+    for (const p of new Set(victims)) p.reject(this.failure);
     this.reservedBytes = 0;
+    const seg = this.active;
+    if (seg && seg.written > seg.size) {
+      seg.written = seg.size;
+      this.truncateAfterFailure = seg;
+    }
     for (const w of this.reflectWaiters.splice(0)) w.reject(this.failure);
     for (const w of this.drainWaiters.splice(0)) w.reject(this.failure);
   }
@@ -1000,7 +1174,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     if (seq > this.reflectedSeq) {
       throw new RangeError(`cannot mark ${seq} drained: only records through ${this.reflectedSeq} are reflected`);
     }
-    await this.withIo(async () => {
+    const run = this.drainChain.then(async () => {
       if (seq > this.drained) {
         await this.writeState(seq);
         this.drained = seq;
@@ -1008,6 +1182,11 @@ export class Journal extends EventEmitter<JournalEvents> {
       }
       await this.deleteDrainedSegments();
     });
+    this.drainChain = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    await run;
   }
 
   /** Resolves once drainedSeq >= seq (the basis of a `sync` command). */
@@ -1016,14 +1195,21 @@ export class Journal extends EventEmitter<JournalEvents> {
   }
 
   private async deleteDrainedSegments(): Promise<void> {
-    const doomed = [...this.segments.values()].filter((s) => s.lastSeq > 0 && s.lastSeq <= this.drained);
+    // The segment a write or fdatasync is under way in is left for a later round: records are
+    // going into it that are not counted in its lastSeq yet.
+    const busy = new Set([this.writeSeg, this.openGroup?.seg, this.syncing?.seg]);
+    if (this.inWrite && !this.writeSeg) busy.add(this.active);
+    const doomed = [...this.segments.values()].filter((s) => s.lastSeq > 0 && s.lastSeq <= this.drained && !busy.has(s) && s.written === s.size);
     if (doomed.length === 0) return;
+    // Forget them all first, synchronously: no new reader may pin one, and no write may go to
+    // one, once the unlinks are under way.
     for (const seg of doomed) {
-      // Forget it first: no new reader may pin it once its unlink is under way.
       this.segments.delete(seg.id);
       if (this.active === seg) this.active = undefined;
       seg.deleted = true;
       this.diskBytes -= seg.size;
+    }
+    for (const seg of doomed) {
       if (seg.readers === 0) await seg.file.close();
       // No directory fsync needed: a segment that reappears after a crash holds only drained
       // records, and open() deletes it again.
@@ -1117,8 +1303,8 @@ export class Journal extends EventEmitter<JournalEvents> {
     // Their seqs were the highest handed out; nothing after them was accepted.
     if (waiting.length > 0) this.assignedSeq = waiting[0]!.seq - 1;
     for (const p of waiting) p.reject(new JournalClosedError(this.dir));
-    if (this.flushing) await new Promise<void>((resolve) => this.flushIdle.push(resolve));
-    await this.ioChain;
+    await this.whenPipelineIdle();
+    await this.drainChain;
     this.closed = true;
     for (const seg of this.segments.values()) {
       seg.deleted = true;
@@ -1189,7 +1375,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     try {
       for (const id of ids) {
         const file = await fs.openFile(path.join(this.dir, segmentName(id)), 'existing');
-        opened.push({ id, file, size: 0, lastSeq: 0, readers: 0, deleted: false });
+        opened.push({ id, file, size: 0, written: 0, lastSeq: 0, readers: 0, deleted: false });
       }
       for (let i = 0; i < opened.length; i++) {
         const seg = opened[i]!;
@@ -1274,6 +1460,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     }
     for (const seg of opened) {
       if (removed.includes(seg)) continue;
+      seg.written = seg.size;
       this.segments.set(seg.id, seg);
       this.diskBytes += seg.size;
     }
@@ -1323,7 +1510,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     const kind = CODE_KIND[h.readUInt8(6)];
     if (!kind) return { ok: false, reason: `unknown record kind ${h.readUInt8(6)}` };
     const seq = getU64(h, 8);
-    const batchFirstSeq = getU64(h, 16);
+    const durableFloor = getU64(h, 16);
     const receiveTime = getU64(h, 24);
     const lba = getU64(h, 32);
     const blocks = h.readUInt32LE(40);
@@ -1331,7 +1518,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     const recordBytes = h.readUInt32LE(52);
     if (
       !(seq >= 1) ||
-      !(batchFirstSeq >= 1 && batchFirstSeq <= seq) ||
+      !(durableFloor >= 1 && durableFloor <= seq) ||
       !(receiveTime >= 0) ||
       !(lba >= 0) ||
       blocks < 1 ||
@@ -1348,12 +1535,13 @@ export class Journal extends EventEmitter<JournalEvents> {
     const data = dataBytes > 0 ? await scanner.bytes(pos + HEADER_BYTES, dataBytes) : undefined;
     const crc = crc32c(h.subarray(0, CRC_OFFSET), data ? crc32c(data) : 0);
     if (crc !== h.readUInt32LE(CRC_OFFSET)) return { ok: false, reason: 'CRC mismatch' };
-    return { ok: true, rec: { seq, batchFirstSeq, receiveTime, lba, blocks, kind, recordBytes } };
+    return { ok: true, rec: { seq, durableFloor, receiveTime, lba, blocks, kind, recordBytes } };
   }
 
   /**
-   * Looks behind a bad record at `from` for intact records. One whose commit group began after the
-   * missing seq proves the bad record's group was complete (acknowledged) before the crash.
+   * Looks behind a bad record at `from` for intact records. One whose durable floor is above the
+   * missing seq was written after the bad record had passed its fdatasync: the bad record was
+   * durable (maybe acknowledged) before the crash.
    */
   private async scanBehind(
     scanner: SegmentScanner,
@@ -1367,7 +1555,7 @@ export class Journal extends EventEmitter<JournalEvents> {
       const parsed = await this.parseAt(scanner, pos);
       if (parsed.ok) {
         valid++;
-        if (parsed.rec.batchFirstSeq > missingSeq && laterGroup === undefined) laterGroup = parsed.rec.seq;
+        if (parsed.rec.durableFloor > missingSeq && laterGroup === undefined) laterGroup = parsed.rec.seq;
         pos += parsed.rec.recordBytes;
       } else {
         pos += ALIGN;

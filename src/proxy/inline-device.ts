@@ -1,11 +1,31 @@
 import type { Logger } from 'pino';
-import { buildSense, Asc, SenseKey } from 'iscsi-node-wire';
-import { InitiatorSession, LoginError, type InitiatorOptions, type ScsiResult } from '../back/index.ts';
+import { buildSense, parseSense, Asc, ScsiOp, SenseKey } from 'iscsi-node-wire';
+import { InitiatorSession, LoginError, type CommandOptions, type InitiatorOptions, type ScsiResult } from '../back/index.ts';
 import { BufferPool, dataBuffers } from '../scsi/buffer-pool.ts';
 import { TmfResult, type ItNexus, type ScsiOutcome, type ScsiTargetDevice, type ScsiTask } from '../scsi/task.ts';
 
 const CHECK_CONDITION = 0x02;
 const TASK_ABORTED = 0x40;
+/** Unit attentions kept per nexus for its initiator (see backendPaths); more are dropped. */
+const MAX_DEFERRED_UA = 8;
+
+/** A backend session lent to detour's own commands (see InlineDevice.backendPaths). */
+export interface BackendPath {
+  /** The initiator port and TSIH, for logs. */
+  readonly name: string;
+  readonly borrowed: true;
+  readonly closed: boolean;
+  command(lun: number, cdb: Buffer, opts: Pick<CommandOptions, 'dataOut' | 'dataInLength' | 'dataInBuffer'>): Promise<ScsiResult>;
+}
+
+function unitAttentionSense(r: ScsiResult): Buffer | undefined {
+  if (r.status !== CHECK_CONDITION || !r.sense || r.sense.length < 3) return undefined;
+  try {
+    return parseSense(r.sense).key === SenseKey.UNIT_ATTENTION ? r.sense : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 export interface InlineDeviceOptions {
   /** Volume name, for logs and metrics. */
@@ -40,6 +60,8 @@ class BackendRefused extends Error {
  */
 export class InlineDevice implements ScsiTargetDevice {
   private readonly backends = new Map<string, InitiatorSession>();
+  /** Unit attentions main reported to detour's own commands on an initiator's nexus, per nexus. */
+  private readonly deferredUa = new Map<string, Array<{ lun: number; sense: Buffer }>>();
 
   constructor(private readonly opts: InlineDeviceOptions) {}
 
@@ -77,6 +99,7 @@ export class InlineDevice implements ScsiTargetDevice {
   }
 
   async nexusClosed(nexus: ItNexus): Promise<void> {
+    this.deferredUa.delete(this.key(nexus));
     const s = this.backends.get(this.key(nexus));
     if (!s) return;
     this.backends.delete(this.key(nexus));
@@ -95,6 +118,10 @@ export class InlineDevice implements ScsiTargetDevice {
     }
     // Aborted while held (at the gate during a switch): it must not reach the main target.
     if (task.aborted) return Promise.resolve({ status: TASK_ABORTED });
+    if (this.deferredUa.size !== 0) {
+      const ua = this.takeDeferredUa(task);
+      if (ua) return Promise.resolve(ua);
+    }
     // Large reads land in a pooled buffer, which the transport gives back once it has sent the
     // data. A command that rejects keeps its buffer out of the pool: Data-In may have been
     // arriving into it when it was aborted.
@@ -118,6 +145,49 @@ export class InlineDevice implements ScsiTargetDevice {
         }
         return o;
       });
+  }
+
+  /**
+   * The backend sessions, for detour's own commands when the main target holds a reservation that
+   * shuts detour's own session out: the holder's nexus may do what detour's may not. A unit
+   * attention main reports to such a command was meant for the initiator, so it is kept and
+   * reported on the initiator's next command for that LUN, as main would have done.
+   */
+  backendPaths(): BackendPath[] {
+    return [...this.backends].map(([key, s]) => ({
+      name: key,
+      borrowed: true as const,
+      get closed() {
+        return s.isClosed;
+      },
+      command: async (lun: number, cdb: Buffer, opts: Pick<CommandOptions, 'dataOut' | 'dataInLength' | 'dataInBuffer'>) => {
+        const r = await s.command(lun, cdb, opts);
+        const ua = unitAttentionSense(r);
+        if (ua && this.backends.get(key) === s) {
+          const q = this.deferredUa.get(key) ?? [];
+          if (q.length < MAX_DEFERRED_UA) q.push({ lun, sense: Buffer.from(ua) });
+          this.deferredUa.set(key, q);
+        }
+        return r;
+      },
+    }));
+  }
+
+  /**
+   * A unit attention kept for this nexus, as the answer to the task, or undefined. INQUIRY and
+   * REPORT LUNS never report one (SPC); REQUEST SENSE returns it as its parameter data.
+   */
+  private takeDeferredUa(task: ScsiTask): ScsiOutcome | undefined {
+    const key = this.key(task.nexus);
+    const q = this.deferredUa.get(key);
+    const op = task.cdb[0];
+    if (!q || op === ScsiOp.INQUIRY || op === ScsiOp.REPORT_LUNS) return undefined;
+    const i = q.findIndex((u) => u.lun === task.lun);
+    if (i < 0) return undefined;
+    const { sense } = q.splice(i, 1)[0]!;
+    if (q.length === 0) this.deferredUa.delete(key);
+    if (op === ScsiOp.REQUEST_SENSE) return { status: 0, dataIn: sense.subarray(0, Math.min(sense.length, task.cdb[4] ?? 0)) };
+    return { status: CHECK_CONDITION, sense };
   }
 
   async reset(nexus: ItNexus, kind: 'lun' | 'target-warm' | 'target-cold' | 'clear-task-set', lun: number): Promise<number> {

@@ -1,18 +1,26 @@
 // Writing one backup image, chunk by chunk, in any order, so that a restarted detour can resume.
 //
-// Durability of a chunk, in order: the bytes go to chunks/<name>.tmp, are fdatasync'd, the file is
-// renamed to chunks/<name>, the chunks directory is fsync'd, then "C <index> <sha256>" is appended
-// to progress.log and fdatasync'd. Only then is the chunk durable and writeChunk() resolves. An
-// all-zero chunk gets no file, only a "Z <index>" line. The directory and log fsyncs are group
-// commits, so a copier with N chunks in flight pays for about two of each, not N.
+// Durability of a chunk, in order: its bytes are written to chunks/<name> and fdatasync'd, the
+// chunks directory is fsync'd, then "C <index> <sha256>" is appended to progress.log and
+// fdatasync'd. Only then is the chunk durable. An all-zero chunk gets no file, only a "Z <index>"
+// line. The log is the only authority on what is durable: a chunk file without its record (a crash
+// between the two) is ignored on resume and simply written again.
 //
-// The whole-image SHA-256 has to see the image bytes in order, but chunks arrive in any order. The
-// writer keeps one running hash and a cursor (the first chunk not yet hashed). A chunk that lands
-// at the cursor is hashed from the caller's buffer; chunks that land ahead of it are only written,
-// and are read back from their files (one chunk-sized buffer, reused) when the cursor reaches them,
-// so memory does not grow with the volume or with how far ahead the copier runs. Reading back also
-// re-verifies the chunk's own SHA-256: a chunk damaged between write and read-back is dropped
-// (unlinked, "X <index>" logged) and reported missing, so the copier can write it again.
+// Those syncs are group commits. putChunk() hands the bytes to the page cache and returns; the
+// chunks that arrive while one commit runs form the next one, which syncs their files in
+// parallel, then the directory once and the log once, however many chunks it holds. A copier that
+// keeps a few chunks in flight therefore pays for a handful of fsyncs per commit, not three per
+// chunk, and the batch grows by itself when the disk is slow.
+//
+// The whole-image SHA-256 has to see the image bytes in order, but chunks may arrive in any order.
+// The writer keeps one running hash and a cursor (the first chunk not yet hashed). A chunk handed
+// over exactly at the cursor is hashed from the caller's buffer, at once; a copier that hands its
+// chunks over in ascending order (BackupRun does) never costs more than that. Chunks that land
+// ahead of the cursor are only written, and are read back from their files (one chunk-sized
+// buffer, reused) once they are durable and the cursor reaches them, so memory does not grow with
+// the volume or with how far ahead a writer runs. Reading back also re-verifies the chunk's own
+// SHA-256: a chunk damaged between write and read-back is dropped (unlinked, "X <index>" logged)
+// and reported missing, so the copier can write it again.
 //
 // node:crypto cannot export a hash's internal state, so the cursor is not persisted. After a
 // restart, openBackup() starts the cursor at chunk 0 and the same read-back loop re-hashes the
@@ -20,8 +28,10 @@
 // costs one local read of what was already copied, not a second copy from the volume.
 
 import { createHash, type Hash } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { mkdir, open, readdir, readFile, rm, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
+import { chunkHasher, directIoCapable, O_DIRECT } from './chunk-memory.ts';
 import { fsyncDir, GroupSync, writeFileAtomic } from './durable.ts';
 import { BackupIncompleteError, BackupStateError, BackupStoreError, ChunkCorruptError } from './errors.ts';
 import {
@@ -86,15 +96,62 @@ export interface DroppedChunk {
   problem: string;
 }
 
+/** What putChunk() gives back once the writer is done with the caller's buffer. */
+export interface ChunkPut {
+  /** Settles when the chunk is durable (or its write failed): what writeChunk() waits for. */
+  durable: Promise<void>;
+}
+
+export interface BackupWriterTuning {
+  /**
+   * Bytes handed to the page cache but not durable yet, above which putChunk() waits for a group
+   * commit to finish before it returns. Bounds how much one commit has to flush (and how many
+   * chunk files are open). Default 64 MiB, at least two chunks.
+   */
+  maxUnsyncedBytes?: number;
+  /** Chunk files fdatasync'd at once within a commit. Default 2. */
+  syncParallel?: number;
+}
+
 const STAT_BATCH = 64;
+const DEFAULT_MAX_UNSYNCED_BYTES = 64 * 1024 * 1024;
+// fdatasync blocks a libuv threadpool thread (4 of them by default) for as long as the disk takes;
+// with all of them syncing, the chunk writes and hashes of the next commit would queue behind.
+const DEFAULT_SYNC_PARALLEL = 2;
+
+/** A chunk written (or found all-zero) and waiting for its group commit. */
+interface CommitEntry {
+  index: number;
+  length: number;
+  /** Undefined for an all-zero chunk, which has no file. */
+  file: FileHandle | undefined;
+  sha256: Buffer;
+  resolve(): void;
+  reject(err: unknown): void;
+}
 
 export class BackupWriter {
+  /** Every chunk from its putChunk() (or writeChunk()) until it is durable or has failed. */
   private readonly inFlight = new Map<number, Promise<void>>();
   private readonly logSync: GroupSync;
   private readonly dirSync: GroupSync;
-  private readonly hash: Hash = createHash('sha256');
+  /** Chunks whose data is durable, waiting for the next group commit of directory and log. */
+  private recordQueue: CommitEntry[] = [];
+  private recording: Promise<void> | undefined;
+  private syncsRunning = 0;
+  private syncWaiters: Array<() => void> = [];
+  /** Bytes of chunk files written and not yet durable. */
+  private unsyncedBytes = 0;
+  private roomWaiters: Array<() => void> = [];
+  private readonly maxUnsyncedBytes: number;
+  private readonly syncParallel: number;
+  /** Until the filesystem refuses O_DIRECT. */
+  private directIo = true;
+  private hash: Hash = createHash('sha256');
   /** The first chunk not yet fed to `hash`. */
   private cursor = 0;
+  /** Bumped when the hash starts over, so a read-back loop of the old hash stops feeding it. */
+  private hashEpoch = 0;
   private advancing: Promise<void> | undefined;
   private readBuffer: Buffer | undefined;
   /** An I/O error of the read-back loop: complete() reports it. */
@@ -111,10 +168,13 @@ export class BackupWriter {
     private readonly table: ChunkTable,
     private readonly log: FileHandle,
     private readonly release: () => void,
+    tuning: BackupWriterTuning,
   ) {
     this.logSync = new GroupSync(() => this.log.datasync());
     const chunksDir = path.join(dir, CHUNKS_DIR);
     this.dirSync = new GroupSync(() => fsyncDir(chunksDir));
+    this.maxUnsyncedBytes = Math.max(tuning.maxUnsyncedBytes ?? DEFAULT_MAX_UNSYNCED_BYTES, 2 * table.chunkSize);
+    this.syncParallel = Math.max(1, tuning.syncParallel ?? DEFAULT_SYNC_PARALLEL);
   }
 
   /**
@@ -122,7 +182,7 @@ export class BackupWriter {
    * drops records whose chunk file is gone or of the wrong length, removes leftover temporaries,
    * and starts re-hashing whatever is durable. Used by BackupStore for both create and resume.
    */
-  static async attach(record: BackupRecord, dir: string, release: () => void): Promise<BackupWriter> {
+  static async attach(record: BackupRecord, dir: string, release: () => void, tuning: BackupWriterTuning = {}): Promise<BackupWriter> {
     const table = new ChunkTable(record.sizeBytes, record.chunkSize);
     const logFile = path.join(dir, PROGRESS_FILE);
     let logText = '';
@@ -153,7 +213,7 @@ export class BackupWriter {
     const log = await open(logFile, 'a', 0o644);
     // A torn last line would glue itself to the next record; start appends on a fresh line.
     if (ignored && logText.length && !logText.endsWith('\n')) await log.write('\n');
-    const writer = new BackupWriter(record, dir, table, log, release);
+    const writer = new BackupWriter(record, dir, table, log, release, tuning);
     writer.kickAdvance();
     return writer;
   }
@@ -225,19 +285,51 @@ export class BackupWriter {
    * a no-op (a resumed copier may repeat itself); with different bytes it is an error.
    */
   async writeChunk(index: number, data: Uint8Array): Promise<void> {
+    const { durable } = await this.putChunk(index, data);
+    await durable;
+  }
+
+  /**
+   * writeChunk() in two steps: resolves as soon as the writer is done with `data` (written to the
+   * chunk file, hashed), so the caller can reuse its buffer for the next chunk while this one waits
+   * for its group commit; `durable` settles when the chunk is durable. Until then the chunk is not
+   * counted in progress() nor left out of missingChunks(), and may not be written again. It may
+   * resolve late when too much written data is waiting for commits (back-pressure).
+   *
+   * The whole-image hash is fed synchronously, within this call, when `index` is the next chunk it
+   * needs: a caller handing chunks over in ascending order has them hashed from its own buffers,
+   * in the order of its calls, and never read back.
+   */
+  async putChunk(index: number, data: Uint8Array): Promise<ChunkPut> {
     this.checkWritable();
     this.checkIndex(index);
     const buf = Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
     const length = this.table.length(index);
     if (buf.length !== length) throw new RangeError(`backup ${this.id}: chunk ${index} must be ${length} bytes, got ${buf.length}`);
     if (this.inFlight.has(index)) throw new BackupStoreError(`backup ${this.id}: chunk ${index} is already being written`, this.id);
-    const job = this.table.isDurable(index) ? this.checkRewrite(index, buf) : this.storeChunk(index, buf);
-    this.inFlight.set(index, job);
-    try {
-      await job;
-    } finally {
-      this.inFlight.delete(index);
+    if (this.table.isDurable(index)) {
+      this.checkRewrite(index, buf);
+      return { durable: Promise.resolve() };
     }
+    const written = this.writeData(index, buf);
+    const durable: Promise<void> = written
+      .then((entry) => this.commit(entry))
+      .then(
+        () => this.settled(index, durable),
+        (err: unknown) => {
+          // Its bytes may already be in the running hash although the chunk is not durable: the
+          // copier could write it again with other bytes, so the hash starts over from what is.
+          if (this.cursor > index) this.restartHash();
+          this.settled(index, durable);
+          throw err;
+        },
+      );
+    // The caller sees a failure through putChunk() or `durable`, whichever it waits for.
+    durable.catch(() => {});
+    this.inFlight.set(index, durable);
+    await written;
+    if (this.unsyncedBytes > this.maxUnsyncedBytes) await new Promise<void>((resolve) => this.roomWaiters.push(resolve));
+    return { durable };
   }
 
   /**
@@ -317,49 +409,180 @@ export class BackupWriter {
 
   // -------------------------------------------------------------------------------------------
 
-  private async storeChunk(index: number, data: Buffer): Promise<void> {
+  /**
+   * Hashes chunk `index` and writes it to its file (not synced): afterwards the caller's buffer is
+   * free. Written directly under the final name: the file counts only once the progress log says
+   * so, and a resume overwrites a file the log does not list.
+   */
+  private async writeData(index: number, data: Buffer): Promise<Omit<CommitEntry, 'resolve' | 'reject'>> {
+    const length = data.length;
     const zero = isAllZero(data);
-    let sha256: Buffer;
-    if (zero) {
-      sha256 = zeroChunkSha256(data.length);
-      await this.appendLog(progressLineZero(index));
-    } else {
-      sha256 = createHash('sha256').update(data).digest();
-      const file = chunkPath(this.dir, index);
-      const tmp = `${file}.tmp`;
+    // Synchronously, before anything else can take the cursor's turn: the order of putChunk()
+    // calls is the order of hashing.
+    if (!this.advancing && index === this.cursor && !this.hashFailure) {
+      if (zero) hashZeros(this.hash, length);
+      else this.hash.update(data);
+      this.cursor++;
+    }
+    if (zero) return { index, length, file: undefined, sha256: zeroChunkSha256(length) };
+    this.unsyncedBytes += length;
+    // On the hashing thread for the copier's shared buffers, beside the file write.
+    const digest = chunkHasher.sha256(data);
+    const file = chunkPath(this.dir, index);
+    let fh: FileHandle | undefined;
+    try {
+      fh = await this.writeFile(file, data);
+      return { index, length, file: fh, sha256: await digest };
+    } catch (err) {
+      digest.catch(() => {});
+      this.unsynced(length);
+      await fh?.close().catch(() => {});
+      await rm(file, { force: true }).catch(() => {});
+      throw err;
+    }
+  }
+
+  /**
+   * Creates `file` with `data` in it, not synced, and returns it open. With O_DIRECT when the
+   * buffer allows it (see chunk-memory.ts); a filesystem that refuses O_DIRECT (EINVAL) gets
+   * buffered writes from then on.
+   */
+  private async writeFile(file: string, data: Buffer): Promise<FileHandle> {
+    if (this.directIo && directIoCapable(data)) {
+      const { O_WRONLY, O_CREAT, O_TRUNC } = fsConstants;
+      let fh: FileHandle | undefined;
       try {
-        const fh = await open(tmp, 'w', 0o644);
+        fh = await open(file, O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT!, 0o644);
+        await writeAll(fh, data);
+        return fh;
+      } catch (err) {
+        await fh?.close().catch(() => {});
+        if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+        this.directIo = false;
+      }
+    }
+    const fh = await open(file, 'w', 0o644);
+    try {
+      await writeAll(fh, data);
+    } catch (err) {
+      await fh.close().catch(() => {});
+      throw err;
+    }
+    return fh;
+  }
+
+  private settled(index: number, job: Promise<void>): void {
+    if (this.inFlight.get(index) === job) this.inFlight.delete(index);
+  }
+
+  /**
+   * Resolves once the chunk is durable. Its file is fdatasync'd on its own, as soon as it is
+   * written (a few at a time); then it waits for the next group commit of the directory and the
+   * log, which takes every chunk whose data became durable meanwhile.
+   */
+  private async commit(entry: Omit<CommitEntry, 'resolve' | 'reject'>): Promise<void> {
+    const fh = entry.file;
+    if (fh) {
+      try {
+        await this.syncSlot();
         try {
-          await fh.writeFile(data);
           await fh.datasync();
         } finally {
+          this.releaseSyncSlot();
           await fh.close();
         }
-        await rename(tmp, file);
       } catch (err) {
-        await rm(tmp, { force: true }).catch(() => {});
+        await fh.close().catch(() => {});
+        this.unsynced(entry.length);
         throw err;
       }
-      await this.dirSync.sync();
-      await this.appendLog(progressLineStored(index, sha256));
     }
-    if (zero) this.table.setZero(index);
-    else this.table.setStored(index, sha256);
-    // The common case under a queue depth: the chunk is the next one the hash needs, and its bytes
-    // are at hand, so no read-back.
-    if (!this.advancing && index === this.cursor && !this.hashFailure) {
-      this.hash.update(data);
-      this.cursor++;
+    await new Promise<void>((resolve, reject) => {
+      this.recordQueue.push({ ...entry, resolve, reject });
+      this.recording ??= this.runRecords();
+    });
+  }
+
+  private syncSlot(): Promise<void> {
+    if (this.syncsRunning < this.syncParallel) {
+      this.syncsRunning++;
+      return Promise.resolve();
+    }
+    return new Promise<void>((resolve) => this.syncWaiters.push(resolve));
+  }
+
+  private releaseSyncSlot(): void {
+    const next = this.syncWaiters.shift();
+    if (next) next();
+    else this.syncsRunning--;
+  }
+
+  /** Group commits, one after the other, each taking whatever became ready while the last ran. */
+  private async runRecords(): Promise<void> {
+    try {
+      do {
+        const batch = this.recordQueue;
+        this.recordQueue = [];
+        await this.recordBatch(batch);
+      } while (this.recordQueue.length);
+    } finally {
+      // In the same step as the last look at the queue: an entry queued later starts a new run.
+      this.recording = undefined;
+    }
+  }
+
+  /**
+   * The directory entries of the batch's files, and one log record per chunk in one append made
+   * durable by one fdatasync. The two go together: a record whose file did not survive a crash is
+   * found out on resume (missing or short file) and the chunk copied again, while a file without
+   * its record is simply not counted.
+   */
+  private async recordBatch(batch: CommitEntry[]): Promise<void> {
+    const lines = batch.map((e) => (e.file ? progressLineStored(e.index, e.sha256) : progressLineZero(e.index))).join('');
+    const results = await Promise.allSettled([
+      batch.some((e) => e.file) ? this.dirSync.sync() : undefined,
+      (async () => {
+        await this.log.write(lines);
+        await this.logSync.sync();
+      })(),
+    ]);
+    const failure = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    for (const e of batch) {
+      if (e.file) this.unsynced(e.length);
+      if (failure) {
+        e.reject(failure.reason);
+        continue;
+      }
+      if (e.file) this.table.setStored(e.index, e.sha256);
+      else this.table.setZero(e.index);
+      e.resolve();
     }
     this.kickAdvance();
   }
 
-  private async checkRewrite(index: number, data: Buffer): Promise<void> {
+  /** Accounts for `length` bytes that are durable now (or will never be), and lets waiting writers on. */
+  private unsynced(length: number): void {
+    this.unsyncedBytes -= length;
+    if (this.unsyncedBytes > this.maxUnsyncedBytes || !this.roomWaiters.length) return;
+    const waiters = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private checkRewrite(index: number, data: Buffer): void {
     const same =
       this.table.state(index) === CHUNK_ZERO ? isAllZero(data) : createHash('sha256').update(data).digest().equals(this.table.hash(index));
     if (!same) {
       throw new BackupStoreError(`backup ${this.id}: chunk ${index} is already stored with different content (the source changed under a frozen backup?)`, this.id);
     }
+  }
+
+  /** The running hash starts again at chunk 0; the read-back loop re-reads what is durable. */
+  private restartHash(): void {
+    this.hash = createHash('sha256');
+    this.cursor = 0;
+    this.hashEpoch++;
+    this.kickAdvance();
   }
 
   private async appendLog(line: string): Promise<void> {
@@ -379,8 +602,9 @@ export class BackupWriter {
 
   /** Feeds durable chunks at the cursor to the hash, reading stored ones back from disk. */
   private async advance(): Promise<void> {
+    const epoch = this.hashEpoch;
     try {
-      while (!this.closed && this.cursor < this.table.count) {
+      while (!this.closed && this.cursor < this.table.count && epoch === this.hashEpoch) {
         const index = this.cursor;
         const state = this.table.state(index);
         if (state === CHUNK_MISSING) return;
@@ -396,13 +620,13 @@ export class BackupWriter {
             await this.dropChunk(index, err.problem);
             return;
           }
-          if (this.closed) return;
+          if (this.closed || epoch !== this.hashEpoch) return;
           this.hash.update(data);
         }
         this.cursor++;
       }
     } catch (err) {
-      this.hashFailure = err as Error;
+      if (epoch === this.hashEpoch) this.hashFailure = err as Error;
     }
   }
 
@@ -460,6 +684,7 @@ export class BackupWriter {
   private async shutdown(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    while (this.recording) await this.recording;
     while (this.advancing) await this.advancing;
     this.readBuffer = undefined;
     await this.log.close();
@@ -483,5 +708,12 @@ export class BackupWriter {
     if (!Number.isInteger(index) || index < 0 || index >= this.table.count) {
       throw new RangeError(`backup ${this.id}: chunk ${index} does not exist (0..${this.table.count - 1})`);
     }
+  }
+}
+
+async function writeAll(fh: FileHandle, data: Buffer): Promise<void> {
+  for (let done = 0; done < data.length; ) {
+    const { bytesWritten } = await fh.write(data, done, data.length - done, done);
+    done += bytesWritten;
   }
 }
