@@ -144,15 +144,18 @@ describe('BackupWriter', () => {
     await writeChunks(w, image, [0, 1, 2, 4, 6]);
     await w.close();
     const dir = path.join(t.store.path, w.id);
-    // A crash in the middle of appending chunk 7's record, and chunk 4's file lost with the disk
-    // cache (its rename never reached the platter), and a temporary left over from chunk 8.
+    // A crash in the middle of appending chunk 7's record, chunk 4's file lost with the disk cache
+    // (its directory entry never reached the platter), chunk 9's file written but the crash came
+    // before its record, and a temporary left over by an older version from chunk 8.
     await appendFile(path.join(dir, 'progress.log'), `C 7 ${'ab'.repeat(16)}`);
     await rm(path.join(dir, 'chunks', '00000004'));
+    await writeFile(path.join(dir, 'chunks', '00000009'), image.subarray(9 * CHUNK, 9 * CHUNK + 100));
     await writeFile(path.join(dir, 'chunks', '00000008.tmp'), 'partial');
 
     const r = await t.store.openBackup(w.id);
     expect(r.missingChunks()).toEqual([3, 4, 5, 7, 8, 9, 10]);
-    expect(await readdir(path.join(dir, 'chunks'))).not.toContain('00000008.tmp');
+    // Only files the log vouches for are left.
+    expect((await readdir(path.join(dir, 'chunks'))).sort()).toEqual(['00000000', '00000001', '00000002', '00000006']);
     await writeChunks(r, image, r.missingChunks().reverse());
     expect((await r.complete()).sha256).toBe(sha256(image));
     // The log after the torn line stayed readable: the manifest lists every chunk.

@@ -1,16 +1,19 @@
 // Writing one backup image, chunk by chunk, in any order, so that a restarted detour can resume.
 //
 // Durability of a chunk, in order: its bytes are written to chunks/<name> and fdatasync'd, the
-// chunks directory is fsync'd, then "C <index> <sha256>" is appended to progress.log and
+// chunks directory is fsync'd and "C <index> <sha256>" is appended to progress.log and
 // fdatasync'd. Only then is the chunk durable. An all-zero chunk gets no file, only a "Z <index>"
-// line. The log is the only authority on what is durable: a chunk file without its record (a crash
-// between the two) is ignored on resume and simply written again.
+// line. The log is the only authority on what is durable: a chunk file without its record (a
+// crash came between the two) is removed on resume and the chunk copied again; a record whose
+// file is missing or short is discarded the same way.
 //
-// Those syncs are group commits. putChunk() hands the bytes to the page cache and returns; the
-// chunks that arrive while one commit runs form the next one, which syncs their files in
-// parallel, then the directory once and the log once, however many chunks it holds. A copier that
-// keeps a few chunks in flight therefore pays for a handful of fsyncs per commit, not three per
-// chunk, and the batch grows by itself when the disk is slow.
+// putChunk() returns as soon as the bytes are written (with O_DIRECT from the copier's aligned
+// buffers, see chunk-memory.ts), so the caller can reuse its buffer while the chunk becomes
+// durable behind it: each file is fdatasync'd on its own as soon as it is written, a few at a
+// time, and the directory fsync and the log append+fdatasync are group commits taking every chunk
+// whose data became durable while the previous commit ran. A copier pays about one fdatasync per
+// chunk, done in parallel, and a handful of small syncs per commit, not three syncs in a row per
+// chunk.
 //
 // The whole-image SHA-256 has to see the image bytes in order, but chunks may arrive in any order.
 // The writer keeps one running hash and a cursor (the first chunk not yet hashed). A chunk handed
@@ -27,11 +30,11 @@
 // durable chunks from disk, in the background, while the copier writes the missing ones; this
 // costs one local read of what was already copied, not a second copy from the volume.
 
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rm, stat, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { chunkHasher, directIoCapable, O_DIRECT } from './chunk-memory.ts';
+import { allocChunkBuffers, chunkHasher, directIoCapable, O_DIRECT, type ImageHash } from './chunk-memory.ts';
 import { fsyncDir, GroupSync, writeFileAtomic } from './durable.ts';
 import { BackupIncompleteError, BackupStateError, BackupStoreError, ChunkCorruptError } from './errors.ts';
 import {
@@ -42,7 +45,6 @@ import {
   CHUNK_ZERO,
   CHUNKS_DIR,
   chunkFileName,
-  hashZeros,
   isAllZero,
   manifestPieces,
   MANIFEST_FILE,
@@ -104,22 +106,23 @@ export interface ChunkPut {
 
 export interface BackupWriterTuning {
   /**
-   * Bytes handed to the page cache but not durable yet, above which putChunk() waits for a group
-   * commit to finish before it returns. Bounds how much one commit has to flush (and how many
-   * chunk files are open). Default 64 MiB, at least two chunks.
+   * Bytes of chunk files written but not durable yet above which putChunk() waits for syncs to
+   * catch up before it returns: bounds the chunks waiting on the disk (and their open files).
+   * Default 128 MiB, at least two chunks.
    */
   maxUnsyncedBytes?: number;
-  /** Chunk files fdatasync'd at once within a commit. Default 2. */
+  /** Chunk files fdatasync'd at once. Default 4. */
   syncParallel?: number;
 }
 
 const STAT_BATCH = 64;
-const DEFAULT_MAX_UNSYNCED_BYTES = 64 * 1024 * 1024;
-// fdatasync blocks a libuv threadpool thread (4 of them by default) for as long as the disk takes;
-// with all of them syncing, the chunk writes and hashes of the next commit would queue behind.
-const DEFAULT_SYNC_PARALLEL = 2;
+const CHUNK_FILE_NAME = /^\d{8,}$/;
+const DEFAULT_MAX_UNSYNCED_BYTES = 128 * 1024 * 1024;
+// fdatasync blocks a libuv threadpool thread for as long as the disk takes; with every thread
+// syncing, the chunk writes queue behind (detour runs 16 threads, libuv's default is 4).
+const DEFAULT_SYNC_PARALLEL = 4;
 
-/** A chunk written (or found all-zero) and waiting for its group commit. */
+/** A chunk written (or found all-zero) on its way to being durable. */
 interface CommitEntry {
   index: number;
   length: number;
@@ -147,8 +150,10 @@ export class BackupWriter {
   private readonly syncParallel: number;
   /** Until the filesystem refuses O_DIRECT. */
   private directIo = true;
-  private hash: Hash = createHash('sha256');
-  /** The first chunk not yet fed to `hash`. */
+  private logTorn = false;
+  /** The whole-image SHA-256, running on the hashing thread. */
+  private image: ImageHash = chunkHasher.openImage();
+  /** The first chunk not yet fed to `image`. */
   private cursor = 0;
   /** Bumped when the hash starts over, so a read-back loop of the old hash stops feeding it. */
   private hashEpoch = 0;
@@ -209,6 +214,15 @@ export class BackupWriter {
           if (!st || st.size !== table.length(i)) table.setMissing(i);
         }),
       );
+    }
+    // Files the log does not vouch for: written before a crash that came ahead of their record, or
+    // cut short. Their chunks are copied again; a stale file must not outlive a chunk that turns
+    // out to be all-zero (stored as no file).
+    for (const name of names) {
+      if (!CHUNK_FILE_NAME.test(name)) continue;
+      const i = Number(name);
+      if (i < table.count && table.state(i) === CHUNK_STORED) continue;
+      await rm(path.join(chunksDir, name), { force: true });
     }
     const log = await open(logFile, 'a', 0o644);
     // A torn last line would glue itself to the next record; start appends on a fresh line.
@@ -291,14 +305,15 @@ export class BackupWriter {
 
   /**
    * writeChunk() in two steps: resolves as soon as the writer is done with `data` (written to the
-   * chunk file, hashed), so the caller can reuse its buffer for the next chunk while this one waits
-   * for its group commit; `durable` settles when the chunk is durable. Until then the chunk is not
-   * counted in progress() nor left out of missingChunks(), and may not be written again. It may
-   * resolve late when too much written data is waiting for commits (back-pressure).
+   * chunk file, hashed), so the caller can reuse its buffer for the next chunk while this one is
+   * synced; `durable` settles when the chunk is durable. Until then the chunk is not counted in
+   * progress() nor left out of missingChunks(), and may not be written again. It resolves late
+   * when too much written data is waiting for its syncs (back-pressure).
    *
-   * The whole-image hash is fed synchronously, within this call, when `index` is the next chunk it
-   * needs: a caller handing chunks over in ascending order has them hashed from its own buffers,
-   * in the order of its calls, and never read back.
+   * The whole-image hash takes the chunk within this call (it is posted to the hashing thread
+   * before the first await) when `index` is the next chunk it needs: a caller handing chunks over
+   * in ascending order has them hashed from its own buffers, in the order of its calls, and never
+   * read back.
    */
   async putChunk(index: number, data: Uint8Array): Promise<ChunkPut> {
     this.checkWritable();
@@ -362,8 +377,8 @@ export class BackupWriter {
         deviceIdentity,
         freezeSeq: fields.freezeSeq ?? this.record.freezeSeq,
         initiators: fields.initiators ? [...fields.initiators] : this.record.initiators,
-        // copy(): if writing the manifest fails, the running hash is still there for a retry.
-        sha256: this.hash.copy().digest('hex'),
+        // The image hash goes on: if writing the manifest fails, it is still there for a retry.
+        sha256: await this.imageDigest(),
       };
       await writeFileAtomic(path.join(this.dir, MANIFEST_FILE), manifestPieces(record, this.table));
     } catch (err) {
@@ -417,17 +432,20 @@ export class BackupWriter {
   private async writeData(index: number, data: Buffer): Promise<Omit<CommitEntry, 'resolve' | 'reject'>> {
     const length = data.length;
     const zero = isAllZero(data);
-    // Synchronously, before anything else can take the cursor's turn: the order of putChunk()
-    // calls is the order of hashing.
+    // Posted to the hashing thread synchronously, before anything else can take the cursor's
+    // turn: the order of putChunk() calls is the order of hashing.
+    let image: ImageHash | undefined;
     if (!this.advancing && index === this.cursor && !this.hashFailure) {
-      if (zero) hashZeros(this.hash, length);
-      else this.hash.update(data);
+      image = this.image;
       this.cursor++;
     }
-    if (zero) return { index, length, file: undefined, sha256: zeroChunkSha256(length) };
+    if (zero) {
+      if (image) await chunkHasher.zeros(image, length);
+      return { index, length, file: undefined, sha256: zeroChunkSha256(length) };
+    }
     this.unsyncedBytes += length;
-    // On the hashing thread for the copier's shared buffers, beside the file write.
-    const digest = chunkHasher.sha256(data);
+    // Both hashes on the hashing thread, beside the file write.
+    const digest = chunkHasher.hashChunk(data, image) as Promise<Buffer>;
     const file = chunkPath(this.dir, index);
     let fh: FileHandle | undefined;
     try {
@@ -538,11 +556,18 @@ export class BackupWriter {
    * its record is simply not counted.
    */
   private async recordBatch(batch: CommitEntry[]): Promise<void> {
-    const lines = batch.map((e) => (e.file ? progressLineStored(e.index, e.sha256) : progressLineZero(e.index))).join('');
+    // After a failed append the log may end in a torn line: a newline keeps it off the next record.
+    const lines = (this.logTorn ? '\n' : '') + batch.map((e) => (e.file ? progressLineStored(e.index, e.sha256) : progressLineZero(e.index))).join('');
     const results = await Promise.allSettled([
       batch.some((e) => e.file) ? this.dirSync.sync() : undefined,
       (async () => {
-        await this.log.write(lines);
+        try {
+          await this.log.write(lines);
+          this.logTorn = false;
+        } catch (err) {
+          this.logTorn = true;
+          throw err;
+        }
         await this.logSync.sync();
       })(),
     ]);
@@ -579,7 +604,8 @@ export class BackupWriter {
 
   /** The running hash starts again at chunk 0; the read-back loop re-reads what is durable. */
   private restartHash(): void {
-    this.hash = createHash('sha256');
+    chunkHasher.closeImage(this.image);
+    this.image = chunkHasher.openImage();
     this.cursor = 0;
     this.hashEpoch++;
     this.kickAdvance();
@@ -609,9 +635,10 @@ export class BackupWriter {
         const state = this.table.state(index);
         if (state === CHUNK_MISSING) return;
         if (state === CHUNK_ZERO) {
-          hashZeros(this.hash, this.table.length(index));
+          await chunkHasher.zeros(this.image, this.table.length(index));
         } else {
-          this.readBuffer ??= Buffer.allocUnsafe(this.table.chunkSize);
+          // Shared memory: the hashing thread takes the bytes where they are.
+          this.readBuffer ??= allocChunkBuffers(1, this.table.chunkSize)[0]!;
           let data: Buffer;
           try {
             data = await readVerifiedChunk({ backupId: this.id, dir: this.dir, table: this.table }, index, this.readBuffer);
@@ -621,8 +648,9 @@ export class BackupWriter {
             return;
           }
           if (this.closed || epoch !== this.hashEpoch) return;
-          this.hash.update(data);
+          await chunkHasher.hashChunk(data, this.image, false);
         }
+        if (epoch !== this.hashEpoch) return;
         this.cursor++;
       }
     } catch (err) {
@@ -635,6 +663,16 @@ export class BackupWriter {
     this.droppedChunks.push({ index, problem });
     await rm(chunkPath(this.dir, index), { force: true });
     await this.appendLog(progressLineDropped(index));
+  }
+
+  /** The image hash's digest; if the hashing thread lost it, the hash starts over for next time. */
+  private async imageDigest(): Promise<string> {
+    try {
+      return await chunkHasher.digest(this.image);
+    } catch (err) {
+      this.restartHash();
+      throw err;
+    }
   }
 
   private async hashToEnd(): Promise<void> {
@@ -686,6 +724,7 @@ export class BackupWriter {
     this.closed = true;
     while (this.recording) await this.recording;
     while (this.advancing) await this.advancing;
+    chunkHasher.closeImage(this.image);
     this.readBuffer = undefined;
     await this.log.close();
   }
