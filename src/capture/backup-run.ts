@@ -303,7 +303,9 @@ export class BackupRun {
       freezeSeq: this.freezeSeq,
       bytesTotal: this.bytesTotal,
       bytesCopied: this.bytesCopied,
-      journal: { records: j?.records ?? 0, bytes: j?.bytes ?? 0, unreflected: j?.unreflected ?? 0 },
+      // As in the metrics: the records of this backup, and those not yet on the main target
+      // (Journal.unreflected counts records not yet in the snapshot map, which is another thing).
+      journal: { records: j?.lastSeq ?? 0, bytes: j?.bytes ?? 0, unreflected: j ? j.lastSeq - j.drainedSeq : 0 },
       startedAt: this.startedAt.toISOString(),
       finishedAt: this.finishedAt ? this.finishedAt.toISOString() : null,
       error: this.error,

@@ -647,7 +647,9 @@ export class CaptureDevice implements ScsiTargetDevice {
    * changes them before the command ends, which is after the append settles.
    */
   private append(req: AppendRequest): Promise<unknown> {
-    return this.ctx.journal.append({ ...req, borrow: true });
+    // Every caller passes a request object of its own.
+    req.borrow = true;
+    return this.ctx.journal.append(req);
   }
 
   /** Waits until no write still on its way into the snapshot map overlaps the range. */
