@@ -260,6 +260,7 @@ async function main(): Promise<number> {
   const loads = LOADS.filter((l) => opts.loads.includes(l.id));
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-bench-'));
   const started: Started = {};
+  const peakRss: string[] = [];
   if (opts.relay) PATHS = ALL_PATHS;
   const onSigint = () => {
     console.error('\ninterrupted; stopping tgtd and detour');
@@ -319,6 +320,11 @@ async function main(): Promise<number> {
   } finally {
     process.off('SIGINT', onSigint);
     process.off('SIGTERM', onSigint);
+    // Peak memory over the whole run, read before the processes go.
+    for (const [name, p] of [['detour serve (inline)', started.proxy], ['detour target', started.embedded]] as const) {
+      const hwm = p?.pid !== undefined ? peakRssMiB(p.pid) : undefined;
+      if (hwm !== undefined) peakRss.push(`${name} ${hwm.toFixed(0)} MiB`);
+    }
     // Each stopped by its PID; detour first, so its backend sessions log out of a live tgtd.
     await started.proxy?.stop().catch(() => {});
     await started.embedded?.stop().catch(() => {});
@@ -379,6 +385,7 @@ async function main(): Promise<number> {
     }
   }
 
+  if (peakRss.length) console.log(`\npeak RSS (VmHWM) during the run: ${peakRss.join(', ')}`);
   const met = verdicts.filter((v) => v.ok).length;
   const below = verdicts.filter((v) => !v.ok).map((v) => `${v.name} ${Number.isNaN(v.ratio) ? 'n/a' : (100 * v.ratio).toFixed(1) + '%'} < ${Math.round(v.goal * 100)}%`);
   console.log(`\nSUMMARY: ${met} of ${verdicts.length} goals met${below.length ? `; BELOW: ${below.join(', ')}` : ' (all PASS)'}${errors.length ? `; ${errors.length} measurement(s) FAILED` : ''}`);
@@ -394,3 +401,13 @@ main().then(
     process.exitCode = 1;
   },
 );
+
+/** The highest resident set size a process has had (VmHWM), or undefined if unreadable. */
+function peakRssMiB(pid: number): number | undefined {
+  try {
+    const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
