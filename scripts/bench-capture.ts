@@ -40,7 +40,9 @@
 //   moment detour closed its gate for the cutover (the gap in progress then counts whole) until
 //   1 s after both probes were seen back on tgtd, worst probe and worst backup; detour's own
 //   `cutover` pauseMs is printed beside it, and the longest stalls at switch-in and while copying
-//   and draining for comparison.
+//   and draining for comparison. These backups copy at a limited rate so that each lasts at least
+//   6 s: libiscsi does not reconnect within 3 s of its last reconnect (the one at switch-in), and a
+//   shorter backup would measure that guard instead of detour's hand-back.
 // - Peak RSS: a fresh detour process per LUN size does one full backup with no workload; the
 //   figure is VmHWM from /proc/PID/status. Those LUNs are sparse files with 4 KiB of random data
 //   in every MiB, so every backup store chunk holds data and both sizes take the same code path.
