@@ -912,7 +912,10 @@ export class BackupRun {
     const rate = bytes / Math.max(secs, 1e-3);
     this.drainRate = this.drainRate === 0 ? rate : 0.5 * this.drainRate + 0.5 * rate;
     this.opts.hooks?.drained?.(this, bytes);
-    this.log.info({ backupId: this.id, phase: this.phase, bytes, seconds: secs, atSeq: snap.atSeq, commands: { ...this.drainStats } }, 'drain round');
+    this.log.info(
+      { backupId: this.id, phase: this.phase, bytes, seconds: secs, atSeq: snap.atSeq, leftBytes: this.map!.mappedBytes + journal.unreflectedBytes, rate: Math.round(this.drainRate), commands: { ...this.drainStats } },
+      'drain round',
+    );
     return bytes;
   }
 
