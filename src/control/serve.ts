@@ -88,7 +88,11 @@ export async function startProxy(config: DetourConfig, log: Logger, opts: { hook
 
 function metricsHooks(m: DetourMetrics): EngineHooks {
   return {
-    phase: (v, p) => m.setPhase(v, p),
+    phase: (v, p) => {
+      m.setPhase(v, p);
+      // The journal is gone with the backup: say so now, not at the next gauge sample.
+      if (p === undefined || p === 'done') m.setJournal(v, { records: 0, bytes: 0, unreflected: 0 });
+    },
     copied: (v, bytes, total) => {
       m.setBytesTotal(v, total);
       m.addCopied(v, bytes);
@@ -105,7 +109,9 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
   for (const v of proxy.volumes.values()) {
     const here = v.frontSessions().length;
     m.setSessions(v.name, v.capture ? { capture: here } : { inline: here });
-    const j = running.get(v.name)?.journal;
+    // A run that reached 'done' has disposed of its journal even if it is still listed.
+    const live = running.get(v.name);
+    const j = live && live.phase !== 'done' ? live.journal : undefined;
     // A journal lives as long as its backup: none running, nothing journaled. Records are those
     // of this backup; unreflected ones are not yet on the main target (Journal.unreflected counts
     // records not yet in the snapshot map, which is another thing).
