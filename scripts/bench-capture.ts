@@ -68,7 +68,9 @@ import {
   qemuImgBench,
   QUEUE_DEPTH,
   readCapacity,
+  stopProcess,
   summarizeProfile,
+  vmHwmBytes,
   type Sample,
 } from './lib/bench-common.ts';
 import { IscsiDisk, NbdDisk, nowMs, StallProbe } from './lib/stall-probe.ts';
@@ -383,11 +385,6 @@ function diskSyncCeiling(dir: string): { bytesPerSec: number; smallSyncsPerSec: 
   }
 }
 
-function vmHwmBytes(pid: number): number {
-  const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  if (!m) throw new Error(`no VmHWM in /proc/${pid}/status`);
-  return Number(m[1]) * 1024;
-}
 
 // ------------------------------------------------------------------------------------------------
 // Results
@@ -633,21 +630,6 @@ async function startQemuNbd(ctx: Context, d: Detour): Promise<NbdDisk> {
   }
 }
 
-async function stopProcess(p: ChildProcess | undefined, graceMs: number): Promise<void> {
-  if (!p || p.pid === undefined || p.exitCode !== null || p.signalCode !== null) return;
-  const pid = p.pid;
-  const gone = new Promise<void>((resolve) => p.once('exit', () => resolve()));
-  process.kill(pid, 'SIGTERM');
-  const timer = setTimeout(() => {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      /* already gone */
-    }
-  }, graceMs);
-  await gone;
-  clearTimeout(timer);
-}
 
 async function cutoverSection(ctx: Context, d: Detour): Promise<void> {
   const { opts, results } = ctx;

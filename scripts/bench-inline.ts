@@ -41,6 +41,7 @@ import {
   QUEUE_DEPTH,
   runTool,
   summarizeProfile,
+  vmHwmBytes,
   type Sample,
 } from './lib/bench-common.ts';
 
@@ -322,8 +323,12 @@ async function main(): Promise<number> {
     process.off('SIGTERM', onSigint);
     // Peak memory over the whole run, read before the processes go.
     for (const [name, p] of [['detour serve (inline)', started.proxy], ['detour target', started.embedded]] as const) {
-      const hwm = p?.pid !== undefined ? peakRssMiB(p.pid) : undefined;
-      if (hwm !== undefined) peakRss.push(`${name} ${hwm.toFixed(0)} MiB`);
+      if (p?.pid === undefined) continue;
+      try {
+        peakRss.push(`${name} ${(vmHwmBytes(p.pid) / (1 << 20)).toFixed(0)} MiB`);
+      } catch {
+        // already gone: nothing to report
+      }
     }
     // Each stopped by its PID; detour first, so its backend sessions log out of a live tgtd.
     await started.proxy?.stop().catch(() => {});
@@ -402,12 +407,3 @@ main().then(
   },
 );
 
-/** The highest resident set size a process has had (VmHWM), or undefined if unreadable. */
-function peakRssMiB(pid: number): number | undefined {
-  try {
-    const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) / 1024 : undefined;
-  } catch {
-    return undefined;
-  }
-}

@@ -76,21 +76,8 @@ export class DetourServer {
   }
 
   /** SIGTERM by PID (detour shuts down cleanly and node writes its CPU profile), SIGKILL after 15 s. */
-  async stop(): Promise<void> {
-    const p = this.proc;
-    if (p.exitCode !== null || p.signalCode !== null || p.pid === undefined) return;
-    const pid = p.pid;
-    const gone = new Promise<void>((resolve) => p.once('exit', () => resolve()));
-    process.kill(pid, 'SIGTERM');
-    const timer = setTimeout(() => {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        /* already gone */
-      }
-    }, 15_000);
-    await gone;
-    clearTimeout(timer);
+  stop(): Promise<void> {
+    return stopProcess(this.proc, 15_000);
   }
 }
 
@@ -241,4 +228,28 @@ export function mainThreadProfiles(dir: string, pids: ReadonlyMap<number, string
     .readdirSync(dir)
     .filter((f) => f.endsWith('.cpuprofile') && pids.has(Number(f.split('.')[3])) && f.split('.')[4] === '0')
     .map((f) => ({ file: path.join(dir, f), pid: Number(f.split('.')[3]), label: pids.get(Number(f.split('.')[3]))! }));
+}
+
+/** SIGTERM by PID, SIGKILL after `graceMs`; resolves once the process has exited. */
+export async function stopProcess(p: ChildProcess | undefined, graceMs: number): Promise<void> {
+  if (!p || p.pid === undefined || p.exitCode !== null || p.signalCode !== null) return;
+  const pid = p.pid;
+  const gone = new Promise<void>((resolve) => p.once('exit', () => resolve()));
+  process.kill(pid, 'SIGTERM');
+  const timer = setTimeout(() => {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* already gone */
+    }
+  }, graceMs);
+  await gone;
+  clearTimeout(timer);
+}
+
+/** The highest resident set size the process has had (VmHWM), in bytes. */
+export function vmHwmBytes(pid: number): number {
+  const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (!m) throw new Error(`no VmHWM in /proc/${pid}/status`);
+  return Number(m[1]) * 1024;
 }
