@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildInquiry, buildRead10, parseSense, ScsiStatus, SenseKey } from 'iscsi-node-wire';
 import { InitiatorSession, LoginError, ScsiError, type InitiatorOptions } from '../src/back/index.ts';
 import { Tgtd } from './helpers/tgtd.ts';
+import { readFileRange } from './helpers/files.ts';
 
 const run = promisify(execFile);
 const BLOCK = 512;
@@ -43,14 +44,7 @@ async function open(o: Partial<InitiatorOptions> & { targetName: string }): Prom
 
 /** What the backing file holds at a byte range: checks writes landed where they should. */
 function fileBytes(name: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file(name), 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
+  return readFileRange(file(name), offset, length);
 }
 
 async function connections(t: Tgtd, tid: number): Promise<Array<{ sid: string; cid: string }>> {

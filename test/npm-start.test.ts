@@ -13,6 +13,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { BackupObject } from '../src/control/model.ts';
 import { waitForPort } from './helpers/ports.ts';
+import { readFileRange } from './helpers/files.ts';
 import { findSamples, parseExposition, type Sample } from './helpers/prometheus.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
@@ -79,18 +80,6 @@ async function sha256File(file: string): Promise<string> {
   for await (const chunk of fs.createReadStream(file, { highWaterMark: 4 * MiB })) h.update(chunk as Buffer);
   return h.digest('hex');
 }
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    fs.readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 
 function sum(samples: Sample[], name: string, labels: Record<string, string> = {}): number {
   return findSamples(samples, name, labels).reduce((n, s) => n + s.value, 0);
@@ -191,7 +180,7 @@ describe('npm start, as a new user runs it', () => {
     expect(r.stdout).toContain('read 1048576/1048576 bytes at offset 0');
     expect(r.stdout).not.toMatch(/Pattern verification failed/);
     // The write is in the embedded target's image.
-    expect(readAt(image, 0, MiB).equals(Buffer.alloc(MiB, 0x5a))).toBe(true);
+    expect(readFileRange(image, 0, MiB).equals(Buffer.alloc(MiB, 0x5a))).toBe(true);
     expect(fs.statSync(image).size).toBe(GiB);
   });
 
@@ -276,7 +265,7 @@ describe('npm start, as a new user runs it', () => {
     expect(b.id).not.toBe(firstBackup?.id);
     // The last write to each slot is in the embedded target's image.
     const last = new Map(written.map((w) => [w.offset, w.pattern]));
-    for (const [offset, pattern] of last) expect(readAt(image, offset, 64 * 1024).equals(Buffer.alloc(64 * 1024, pattern)), `64 KiB at ${offset}`).toBe(true);
+    for (const [offset, pattern] of last) expect(readFileRange(image, offset, 64 * 1024).equals(Buffer.alloc(64 * 1024, pattern)), `64 KiB at ${offset}`).toBe(true);
   }, 900_000);
 
   it('curl /metrics has every contract metric, non-zero where work happened', async () => {
