@@ -73,6 +73,8 @@ export class PduReceiver {
   /** The buffer the read in progress goes to. */
   private reading: Buffer;
   private failed = false;
+  /** PDUs finished (delivered or dropped for a data digest): how pull() knows it took one. */
+  private delivered = 0;
 
   constructor(opts: ReceiverOptions = {}) {
     this.buffer = Buffer.allocUnsafe(opts.bufferSize ?? 256 * 1024);
@@ -120,10 +122,8 @@ export class PduReceiver {
   /** Bytes that arrived some other way (a plain 'data' event, a test). Not retained. */
   push(chunk: Buffer): void {
     if (this.failed || chunk.length === 0) return;
-    if (this.direct) {
-      // A direct read was planned but the bytes came elsewhere: place them the ordinary way.
-      this.direct = undefined;
-    }
+    // A direct read may have been planned, but these bytes came another way: place them as usual.
+    this.direct = undefined;
     this.accept(chunk, chunk.length);
   }
 
@@ -148,8 +148,6 @@ export class PduReceiver {
     this.backlog = used === this.backlog.length ? EMPTY : this.backlog.subarray(used);
     return this.delivered !== before;
   }
-
-  private delivered = 0;
 
   /** Leaves held mode: what is kept is parsed now, with the settings now in force. */
   startStreaming(): void {

@@ -119,38 +119,23 @@ export class Volume implements ScsiTargetDevice {
 
   private run(task: ScsiTask): Promise<ScsiOutcome> {
     const started = performance.now();
-    const observe = (outcome: ScsiOutcome | undefined) => this.observer?.(this.name, task, outcome, (performance.now() - started) / 1000);
     const capture = this.capture;
-    let running: Promise<ScsiOutcome>;
-    if (capture) {
-      running = capture.execute(task);
-    } else {
-      this.forwardedInFlight++;
-      const settled = () => {
-        if (--this.forwardedInFlight === 0) {
-          const w = this.forwardIdleWaiters;
-          this.forwardIdleWaiters = [];
-          for (const f of w) f();
-        }
-      };
-      running = this.forwarder.execute(task).then(
-        (o) => {
-          settled();
-          return o;
-        },
-        (err: unknown) => {
-          settled();
-          throw err;
-        },
-      );
-    }
-    return running.then(
+    if (!capture) this.forwardedInFlight++;
+    const settle = (outcome: ScsiOutcome | undefined): void => {
+      if (!capture && --this.forwardedInFlight === 0) {
+        const w = this.forwardIdleWaiters;
+        this.forwardIdleWaiters = [];
+        for (const f of w) f();
+      }
+      this.observer?.(this.name, task, outcome, (performance.now() - started) / 1000);
+    };
+    return (capture ? capture.execute(task) : this.forwarder.execute(task)).then(
       (o) => {
-        observe(o);
+        settle(o);
         return o;
       },
       (err: unknown) => {
-        observe(undefined);
+        settle(undefined);
         throw err;
       },
     );

@@ -510,13 +510,16 @@ export class FrontConnection {
 
   /** Sends a task's data and status, with the residuals RFC 7143 11.4.5 describes. */
   complete(task: FrontTask, outcome: ScsiOutcome): void {
-    if (task.finished || task.aborted || this.state !== 'full-feature') {
+    if (task.finished) {
       outcome.release?.();
-      if (task.finished) return;
+      return;
     }
     task.finish();
     this.tasks.delete(task.itt);
-    if (task.aborted || this.state !== 'full-feature') return;
+    if (task.aborted || this.state !== 'full-feature') {
+      outcome.release?.();
+      return;
+    }
     const edtl = task.expectedDataTransferLength;
     let overflow = false;
     let underflow = false;
