@@ -9,6 +9,7 @@ import { allocChunkBuffers } from '../store/chunk-memory.ts';
 import { writeFileAtomic } from '../store/durable.ts';
 import { CaptureDevice } from './capture-device.ts';
 import { Journal, type RecordKind } from './journal.ts';
+import { WriteThrottle } from './write-throttle.ts';
 import { describeReservation, MainRouter, ReservationBlockedError, type MainAccess, type MainCommandOptions } from './reservations.ts';
 import { SnapshotMap, type MapExtent } from './snapshot-map.ts';
 import type { Volume } from './volume.ts';
@@ -115,6 +116,8 @@ export interface BackupRunOptions {
   copyQueueDepth?: number;
   /** Optional copy rate limit, bytes per second. */
   copyRateLimit?: number;
+  /** Optional drain rate limit, bytes per second written to main. */
+  drainRateLimit?: number;
   /** Byte limit of the journal's files (the volume's journalCapacity). Default unlimited. */
   journalCapacity?: number;
   /** Take up this interrupted backup instead of starting a new one. */
@@ -143,6 +146,29 @@ const MiB = 1024 * 1024;
 const COPY_READ_BYTES = MiB;
 /** Chunks the copier reads at once (copyQueueDepth), each in READs of COPY_READ_BYTES. */
 const DEFAULT_COPY_QUEUE_DEPTH = 8;
+/** One command of a drain round: blocks [lba, lba+blocks) of the volume, gathered from map extents. */
+interface DrainJob {
+  lba: number;
+  blocks: number;
+  pieces: Array<{ e: MapExtent; off: number; n: number }>;
+  /** A write-same or unmap extent, sent as WRITE SAME while main takes it. */
+  same: boolean;
+}
+
+/**
+ * Drain commands in flight to main. Queue depth is what a drain of scattered small extents needs:
+ * each command costs main a round trip and a backing-store write, and several such writes proceed
+ * in parallel on a real target (tgt's backing store runs a pool of I/O threads).
+ */
+const DRAIN_WORKERS = 16;
+
+/** Drain rounds that may miss the cutover estimate before initiator writes are held back. */
+const THROTTLE_AFTER_ROUNDS = 3;
+/** The write limit goes down to this fraction of the drain rate, and no further. */
+const THROTTLE_MIN_DIVISOR = 16;
+/** Nor below this, so that a briefly slow main does not starve the initiators. */
+const THROTTLE_FLOOR_BYTES_PER_SECOND = 256 * 1024;
+
 /** Largest WRITE SAME the drain sends when the main target states no limit. */
 const DEFAULT_MAX_WRITE_SAME_BLOCKS = 65536;
 /** How long a suspending backup lets commands already executing finish. */
@@ -254,6 +280,8 @@ export class BackupRun {
   private stateSaved = false;
   /** Average write rate to main during drains, bytes per second. */
   private drainRate = 0;
+  /** Holds initiator writes back while the drain does not converge (see drainUntilCutover). */
+  readonly throttle = new WriteThrottle();
   /** Settles when the run has ended (completed, failed, cancelled, or parked), or failed to start. */
   readonly done: Promise<void>;
   private settleDone!: () => void;
@@ -264,6 +292,8 @@ export class BackupRun {
   private mainWriteSame = true;
   private mainUnmapZeroes = false;
   private maxWriteSameBlocks = DEFAULT_MAX_WRITE_SAME_BLOCKS;
+  /** MAXIMUM TRANSFER LENGTH of main's Block Limits page, 0 when it states none. */
+  private mainMaxTransferBlocks = 0;
   private readonly log: Logger;
   private readonly resumed: InterruptedBackup | undefined;
 
@@ -432,6 +462,7 @@ export class BackupRun {
     if (rc.status === ScsiStatus.GOOD && rc.data && rc.data.length >= 15) this.mainUnmapZeroes = (rc.data[14]! & 0xc0) === 0xc0;
     const bl = await commandPastUnitAttention(s, this.lun, buildInquiry(true, 0xb0, 64), { dataInLength: 64 });
     if (bl.status === ScsiStatus.GOOD && bl.data && bl.data.length >= 44 && bl.data[1] === 0xb0) {
+      this.mainMaxTransferBlocks = bl.data.readUInt32BE(8);
       const max = Number(bl.data.readBigUInt64BE(36));
       if (max > 0) this.maxWriteSameBlocks = Math.min(max, DEFAULT_MAX_WRITE_SAME_BLOCKS);
     }
@@ -689,6 +720,7 @@ export class BackupRun {
         journal,
         map: this.map!,
         readBase: (lba, blocks) => this.readMain(lba, blocks),
+        throttle: this.throttle,
       },
       v.forwarder,
     );
@@ -888,19 +920,21 @@ export class BackupRun {
     this.main.preferOwn();
     const t0 = process.hrtime.bigint();
     let bytes = 0;
-    const maxBlocks = Math.max(1, Math.floor(MiB / this.blockSize));
-    const jobs: Array<{ e: MapExtent; off: number; n: number }> = [];
-    for (const e of snap.extents) {
-      // A write-same or unmap record costs main one block per command, so it goes in larger pieces.
-      const step = e.location.kind === 'write' || !this.mainWriteSame ? maxBlocks : this.maxWriteSameBlocks;
-      for (let o = 0; o < e.blocks; o += step) jobs.push({ e, off: o, n: Math.min(step, e.blocks - o) });
-    }
+    const jobs = this.drainJobs(snap.extents);
     let next = 0;
-    await runWorkers(8, async (stop) => {
+    const limit = this.opts.drainRateLimit;
+    // Bytes sent to main this round, for the rate limit (a WRITE SAME sends one block).
+    let sent = 0;
+    const tStart = Date.now();
+    const behind = () => (limit ? (sent / limit) * 1000 - (Date.now() - tStart) : 0);
+    await runWorkers(DRAIN_WORKERS, async (stop) => {
       while (next < jobs.length && !stop()) {
         if (interruptible) this.checkStop();
-        const { e, off, n } = jobs[next++]!;
-        bytes += await this.drainExtent(journal, e, off, n, maxBlocks);
+        for (let ahead = behind(); ahead > 0 && !stop() && !(interruptible && this.stopRequested()); ahead = behind()) await sleep(Math.min(ahead, 250));
+        const job = jobs[next++];
+        if (!job) break;
+        sent += job.same ? this.blockSize : job.blocks * this.blockSize;
+        bytes += await this.drainJob(journal, job);
       }
     });
     // The cache is the LU's: one SYNCHRONIZE CACHE covers writes sent on any nexus.
@@ -919,18 +953,72 @@ export class BackupRun {
     return bytes;
   }
 
-  /** Blocks [off, off+n) of a map extent to main; returns the logical bytes written. */
-  private async drainExtent(journal: Journal, e: MapExtent, off: number, n: number, maxBlocks: number): Promise<number> {
-    const lba = e.lba + off;
-    const kind = e.location.kind;
-    if (kind !== 'write' && this.mainWriteSame && (await this.writeSameToMain(journal, e, kind, lba, n))) return n * this.blockSize;
-    for (let o = 0; o < n; o += maxBlocks) {
-      const m = Math.min(maxBlocks, n - o);
-      const data = await journal.readData(e.location, e.offsetInRecord + off + o, m);
-      await this.mainGood('write', buildWrite16(lba + o, m), { dataOut: data }, `WRITE of ${m} blocks at ${lba + o}`);
-      this.drainStats.writes++;
+  /** Largest plain WRITE the drain sends: 1 MiB, or less if main's Block Limits say so. */
+  private get drainWriteBlocks(): number {
+    const mib = Math.max(1, Math.floor(MiB / this.blockSize));
+    return this.mainMaxTransferBlocks > 0 ? Math.min(mib, this.mainMaxTransferBlocks) : mib;
+  }
+
+  /**
+   * Cuts a round's extents (sorted by LBA, never overlapping) into commands for main. Extents that
+   * are adjacent on the volume go out as one WRITE up to drainWriteBlocks, whichever records they
+   * come from: a random small-write workload over a bounded region leaves the map full of touching
+   * 4 KiB extents, and one WRITE per extent would cap the drain at main's command rate, below what
+   * the initiators can write, so the backup would never cut over. A write-same or unmap extent goes
+   * alone, as WRITE SAME, while main takes it (one block of data for a long range).
+   */
+  private drainJobs(extents: readonly MapExtent[]): DrainJob[] {
+    const maxBlocks = this.drainWriteBlocks;
+    const jobs: DrainJob[] = [];
+    let open: DrainJob | undefined;
+    for (const e of extents) {
+      if (e.location.kind !== 'write' && this.mainWriteSame) {
+        open = undefined;
+        for (let o = 0; o < e.blocks; o += this.maxWriteSameBlocks) {
+          const n = Math.min(this.maxWriteSameBlocks, e.blocks - o);
+          jobs.push({ lba: e.lba + o, blocks: n, pieces: [{ e, off: o, n }], same: true });
+        }
+        continue;
+      }
+      for (let o = 0; o < e.blocks; ) {
+        const lba = e.lba + o;
+        if (!open || open.lba + open.blocks !== lba || open.blocks >= maxBlocks) {
+          open = { lba, blocks: 0, pieces: [], same: false };
+          jobs.push(open);
+        }
+        const n = Math.min(maxBlocks - open.blocks, e.blocks - o);
+        open.pieces.push({ e, off: o, n });
+        open.blocks += n;
+        o += n;
+      }
     }
-    return n * this.blockSize;
+    return jobs;
+  }
+
+  /** One drain command (or, for a WRITE SAME main refuses, its plain writes); returns the logical bytes. */
+  private async drainJob(journal: Journal, job: DrainJob): Promise<number> {
+    if (job.same) {
+      const { e, off, n } = job.pieces[0]!;
+      if (this.mainWriteSame && (await this.writeSameToMain(journal, e, e.location.kind, job.lba, n))) return n * this.blockSize;
+      // Refused: the same range as plain writes.
+      const maxBlocks = this.drainWriteBlocks;
+      for (let o = 0; o < n; o += maxBlocks) {
+        const m = Math.min(maxBlocks, n - o);
+        await this.drainWrite(journal, { lba: job.lba + o, blocks: m, pieces: [{ e, off: off + o, n: m }], same: false });
+      }
+      return n * this.blockSize;
+    }
+    await this.drainWrite(journal, job);
+    return job.blocks * this.blockSize;
+  }
+
+  /** Gathers a job's pieces from the journal into one buffer and writes it to main. */
+  private async drainWrite(journal: Journal, job: DrainJob): Promise<void> {
+    const bs = this.blockSize;
+    const data = Buffer.allocUnsafe(job.blocks * bs);
+    await Promise.all(job.pieces.map((p) => journal.readDataInto(p.e.location, p.e.offsetInRecord + p.off, p.n, data, (p.e.lba + p.off - job.lba) * bs)));
+    await this.mainGood('write', buildWrite16(job.lba, job.blocks), { dataOut: data }, `WRITE of ${job.blocks} blocks at ${job.lba}`);
+    this.drainStats.writes++;
   }
 
   /**
@@ -968,22 +1056,53 @@ export class BackupRun {
     return this.drainRate > 0 ? remaining / this.drainRate : Number.POSITIVE_INFINITY;
   }
 
+  /**
+   * Drain rounds until what is left fits inside the initiators' budget. Rounds converge only while
+   * the initiators write into the journal more slowly than the drain writes out of it. After
+   * THROTTLE_AFTER_ROUNDS rounds that have not got there, initiator writes are admitted at a
+   * fraction of the measured drain rate, halved at every further such round down to
+   * 1/THROTTLE_MIN_DIVISOR: the initiators see slower writes instead of a backup that never ends.
+   * The limit goes as soon as the drain stops (cutover, cancel, failure, shutdown).
+   */
   private async drainUntilCutover(): Promise<void> {
     const budgetSec = this.volume.config.ioTimeoutBudget / 1000;
-    for (let blocked = 0; ; ) {
-      this.checkStop();
-      try {
-        await this.drainRound(true);
-      } catch (err) {
-        if (!(err instanceof ReservationBlockedError)) throw err;
-        await this.waitOutReservation(err, blocked++);
-        continue;
+    let slowRounds = 0;
+    let divisor = 1;
+    try {
+      for (let blocked = 0; ; ) {
+        this.checkStop();
+        const admittedBefore = this.throttle.admittedBytes;
+        const t0 = performance.now();
+        let drained: number;
+        try {
+          drained = await this.drainRound(true);
+        } catch (err) {
+          if (!(err instanceof ReservationBlockedError)) throw err;
+          await this.waitOutReservation(err, blocked++);
+          continue;
+        }
+        blocked = 0;
+        this.reservationCleared();
+        // Cut over once what is left fits well inside the initiators' budget.
+        const estimate = this.estimateSeconds();
+        if (estimate < budgetSec / 2) return;
+        if (drained > 0 && ++slowRounds >= THROTTLE_AFTER_ROUNDS) {
+          divisor = Math.min(divisor * 2, THROTTLE_MIN_DIVISOR);
+          const limit = Math.max(this.drainRate / divisor, THROTTLE_FLOOR_BYTES_PER_SECOND);
+          const incoming = ((this.throttle.admittedBytes - admittedBefore) / Math.max(performance.now() - t0, 1)) * 1000;
+          this.throttle.setRate(limit);
+          this.log.warn(
+            { backupId: this.id, phase: this.phase, rounds: slowRounds, estimateSeconds: Number(estimate.toFixed(2)), drainRate: Math.round(this.drainRate), incomingRate: Math.round(incoming), writeLimit: Math.round(limit) },
+            'drain not converging: initiator writes held to a fraction of the drain rate',
+          );
+        }
+        if (this.map!.size === 0) await sleep(50);
       }
-      blocked = 0;
-      this.reservationCleared();
-      // Cut over once what is left fits well inside the initiators' budget.
-      if (this.estimateSeconds() < budgetSec / 2) return;
-      if (this.map!.size === 0) await sleep(50);
+    } finally {
+      if (this.throttle.bytesPerSecond !== null) {
+        this.log.info({ backupId: this.id, phase: this.phase, heldWrites: this.throttle.heldWrites, heldMs: Math.round(this.throttle.heldMs) }, 'write limit lifted');
+      }
+      this.throttle.open();
     }
   }
 

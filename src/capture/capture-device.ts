@@ -17,6 +17,7 @@ import {
 import { RangeLock } from '../scsi/logical-unit.ts';
 import type { ItNexus, ScsiOutcome, ScsiTargetDevice, ScsiTask } from '../scsi/task.ts';
 import { JournalDataDrainedError, type AppendRequest, type Journal, type JournalLocation } from './journal.ts';
+import type { WriteThrottle } from './write-throttle.ts';
 
 const GOOD = 0x00;
 const CHECK_CONDITION = 0x02;
@@ -45,6 +46,8 @@ export interface CaptureContext {
   map: CaptureMap;
   /** Reads blocks of the main volume (frozen while the copy runs). */
   readBase(lba: number, blocks: number): Promise<Buffer>;
+  /** Holds writes back while the drain does not keep up with them; absent: never. */
+  throttle?: WriteThrottle;
 }
 
 /** Forwards a command to the main target on the initiator's own backend session. */
@@ -649,7 +652,10 @@ export class CaptureDevice implements ScsiTargetDevice {
   private append(req: AppendRequest): Promise<unknown> {
     // Every caller passes a request object of its own.
     req.borrow = true;
-    return this.ctx.journal.append(req);
+    const { journal, throttle } = this.ctx;
+    // What the drain will have to write to main for it: the data, or one block for a range.
+    const wait = throttle?.admit(req.kind === 'unmap' || req.kind === 'write-same' ? this.ctx.blockSize : req.blocks * this.ctx.blockSize);
+    return wait ? wait.then(() => journal.append(req)) : journal.append(req);
   }
 
   /** Waits until no write still on its way into the snapshot map overlaps the range. */

@@ -90,6 +90,7 @@ export class Engine implements DetourEngine {
       logger: this.opts.logger,
       ...this.opts.run,
       ...(v.config.copyRateLimit !== undefined ? { copyRateLimit: v.config.copyRateLimit } : {}),
+      ...(v.config.drainRateLimit !== undefined ? { drainRateLimit: v.config.drainRateLimit } : {}),
       ...(v.config.journalCapacity !== undefined ? { journalCapacity: v.config.journalCapacity } : {}),
       hooks: {
         phase: (r, p) => hooks?.phase?.(r.volume.name, p),

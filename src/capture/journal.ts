@@ -1188,7 +1188,19 @@ export class Journal extends EventEmitter<JournalEvents> {
    * a concurrent drain. Rejects with JournalDataDrainedError if the segment was already deleted.
    */
   async readData(location: JournalLocation, offsetBlocks = 0, blocks = location.blocks - offsetBlocks): Promise<Buffer> {
+    // A bad range gets readDataInto's RangeError, not Buffer's.
+    const out = Buffer.allocUnsafe(Number.isInteger(blocks) && blocks > 0 ? blocks * this.blockSize : 0);
+    await this.readDataInto(location, offsetBlocks, blocks, out, 0);
+    return out;
+  }
+
+  /**
+   * readData() into `out` at byte `outOffset`, for a caller that gathers several records into one
+   * buffer (the drain, which sends adjacent extents as one WRITE). Same pinning and errors.
+   */
+  async readDataInto(location: JournalLocation, offsetBlocks: number, blocks: number, out: Buffer, outOffset: number): Promise<void> {
     if (this.closed) throw new JournalClosedError(this.dir);
+    const bs = this.blockSize;
     if (
       !Number.isInteger(offsetBlocks) ||
       !Number.isInteger(blocks) ||
@@ -1198,22 +1210,25 @@ export class Journal extends EventEmitter<JournalEvents> {
     ) {
       throw new RangeError(`blocks [${offsetBlocks}, +${blocks}) outside a record of ${location.blocks} blocks`);
     }
-    const bs = this.blockSize;
-    if (location.kind === 'unmap' || blocks === 0) return Buffer.alloc(blocks * bs);
+    if (!Number.isInteger(outOffset) || outOffset < 0 || outOffset + blocks * bs > out.length) {
+      throw new RangeError(`${blocks} blocks at byte ${outOffset} do not fit a buffer of ${out.length} bytes`);
+    }
+    if (blocks === 0) return;
+    if (location.kind === 'unmap') {
+      out.fill(0, outOffset, outOffset + blocks * bs);
+      return;
+    }
     const seg = this.segments.get(location.segment);
     if (!seg) throw new JournalDataDrainedError(location.segment);
     seg.readers++;
     try {
       if (location.kind === 'write') {
-        const out = Buffer.allocUnsafe(blocks * bs);
-        await this.readExactly(seg, out, location.offset + offsetBlocks * bs);
-        return out;
+        await this.readExactly(seg, out.subarray(outOffset, outOffset + blocks * bs), location.offset + offsetBlocks * bs);
+        return;
       }
-      const one = Buffer.allocUnsafe(bs);
+      const one = out.subarray(outOffset, outOffset + bs);
       await this.readExactly(seg, one, location.offset);
-      const out = Buffer.allocUnsafe(blocks * bs);
-      for (let i = 0; i < blocks; i++) one.copy(out, i * bs);
-      return out;
+      for (let i = 1; i < blocks; i++) one.copy(out, outOffset + i * bs);
     } finally {
       seg.readers--;
       if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);

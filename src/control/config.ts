@@ -104,6 +104,10 @@ const volume = z
     // Bytes per second the backup copy may read from the main target ("50M" = 50 MiB/s), so a
     // backup does not starve the main target's other users. Unlimited when absent.
     copyRateLimit: byteSize.optional(),
+    // Bytes per second the drain may write to the main target after the copy. Unlimited when
+    // absent. Initiator writes are then held to a fraction of it until the cutover (the drain must
+    // outrun them), so a low limit slows the initiators' writes for the rest of the backup.
+    drainRateLimit: byteSize.optional(),
     // Disk space the capture journal of one backup may use ("8G"). Unlimited when absent; keep it
     // below the free space of dataDir, where a full disk is a failure, not back-pressure. The floor
     // leaves room for the largest write detour accepts (64 MiB) twice over: a write that can never
