@@ -13,10 +13,11 @@
 //   npx tsx scripts/bench-inline.ts [--seconds 8] [--reps 3] [--loads seq-read,seq-write,rand-read]
 //                                   [--relay] [--cpu-prof DIR] [--top 25]
 //
-// --relay adds a fourth path for calibration: a Node.js process that copies bytes between the
-// initiator and tgtd without parsing anything. It does the least work any inline proxy has to do
-// (every byte in and out once), so its ratio says how much of a gap is detour's own and how much
-// comes with the host (on 2 shared cores the extra process and the second loopback hop cost).
+// --relay adds two paths for calibration: a Node.js process, and socat (a C program, when it is
+// installed), each copying bytes between the initiator and tgtd without parsing anything. They do
+// the least work any inline proxy has to do (every byte in and out once), so their ratios say how
+// much of a gap is detour's own and how much comes with the host: on 2 shared cores the extra
+// process and the second loopback hop cost, whatever the proxy is written in.
 //
 // --cpu-prof runs both detour processes under `node --cpu-prof` and prints their hottest functions
 // (self time) after the run; the .cpuprofile files stay in DIR for Chrome DevTools / speedscope.
@@ -160,14 +161,15 @@ const LOADS: Load[] = [
   },
 ];
 
-type PathId = 'direct' | 'inline' | 'target' | 'relay';
+type PathId = 'direct' | 'inline' | 'target' | 'relay' | 'socat';
 const ALL_PATHS: Array<{ id: PathId; label: string }> = [
   { id: 'direct', label: 'tgtd direct' },
   { id: 'inline', label: 'detour inline' },
   { id: 'target', label: 'detour target' },
   { id: 'relay', label: 'byte relay' },
+  { id: 'socat', label: 'socat relay' },
 ];
-let PATHS = ALL_PATHS.filter((p) => p.id !== 'relay');
+let PATHS = ALL_PATHS.filter((p) => p.id !== 'relay' && p.id !== 'socat');
 
 function figure(load: Load, s: Sample): number {
   return load.metric === 'IOPS' ? s.iops : s.bytesPerSec / 1e6;
@@ -181,6 +183,7 @@ interface Started {
   proxy?: DetourServer;
   embedded?: DetourServer;
   relay?: DetourServer;
+  socat?: DetourServer;
 }
 
 interface Bench {
@@ -237,11 +240,24 @@ async function setUp(work: string, opts: Options, started: Started): Promise<Ben
     inline: `iscsi://127.0.0.2:${proxyPort}/${MAIN_IQN}/1`,
     target: `iscsi://127.0.0.1:${embeddedPort}/${EMBEDDED_IQN}/0`,
     relay: '',
+    socat: '',
   };
   if (opts.relay) {
     const relayPort = await freePort('127.0.0.2');
     started.relay = await DetourServer.spawnNode(['-e', RELAY_SOURCE, '127.0.0.2', String(relayPort), tgtd.host, String(tgtd.port)], { host: '127.0.0.2', port: relayPort });
     urls.relay = `iscsi://127.0.0.2:${relayPort}/${MAIN_IQN}/1`;
+    const socatPort = await freePort('127.0.0.2');
+    try {
+      started.socat = await DetourServer.spawnProgram(
+        'socat',
+        [`TCP-LISTEN:${socatPort},bind=127.0.0.2,reuseaddr,fork,nodelay`, `TCP:${tgtd.host}:${tgtd.port},bind=127.0.0.2,nodelay`],
+        { host: '127.0.0.2', port: socatPort },
+      );
+      urls.socat = `iscsi://127.0.0.2:${socatPort}/${MAIN_IQN}/1`;
+    } catch (err) {
+      console.log(`socat relay not measured: ${(err as Error).message.split('\n')[0]}`);
+      PATHS = PATHS.filter((p) => p.id !== 'socat');
+    }
   }
   // All three must present the same geometry, or the loads would not be the same loads.
   for (const p of PATHS) {
@@ -334,6 +350,7 @@ async function main(): Promise<number> {
     await started.proxy?.stop().catch(() => {});
     await started.embedded?.stop().catch(() => {});
     await started.relay?.stop().catch(() => {});
+    await started.socat?.stop().catch(() => {});
     await started.tgtd?.stop().catch(() => {});
     fs.rmSync(work, { recursive: true, force: true });
   }
@@ -343,8 +360,8 @@ async function main(): Promise<number> {
   const header = ['load', 'metric', 'tgtd direct', 'detour inline', 'inline/direct', 'goal', 'result', 'detour target', 'target/direct', 'goal', 'result'];
   const widths = [48, 6, 12, 13, 13, 6, 7, 13, 13, 6, 7];
   if (opts.relay) {
-    header.push('byte relay', 'relay/direct');
-    widths.push(10, 12);
+    header.push('byte relay', 'relay/direct', 'socat relay', 'socat/direct');
+    widths.push(10, 12, 11, 12);
   }
   const row = (cells: string[]) => '| ' + cells.map((c, i) => pad(c, widths[i]!, i >= 2 && i !== 6 && i !== 10)).join(' | ') + ' |';
   console.log(row(header));
@@ -359,6 +376,7 @@ async function main(): Promise<number> {
     const inline = m('inline');
     const target = m('target');
     const relay = m('relay');
+    const socat = m('socat');
     const fmt = (v: number) => (Number.isNaN(v) ? 'n/a' : v.toFixed(load.metric === 'IOPS' ? 0 : 1));
     const ri = inline / direct;
     const rt = target / direct;
@@ -370,7 +388,9 @@ async function main(): Promise<number> {
       row([
         load.title, load.metric, fmt(direct), fmt(inline), Number.isNaN(ri) ? 'n/a' : `${(100 * ri).toFixed(1)}%`, `${Math.round(load.inlineGoal * 100)}%`, okI ? 'PASS' : 'BELOW',
         fmt(target), Number.isNaN(rt) ? 'n/a' : `${(100 * rt).toFixed(1)}%`, '100%', okT ? 'PASS' : 'BELOW',
-        ...(opts.relay ? [fmt(relay), Number.isNaN(relay / direct) ? 'n/a' : `${((100 * relay) / direct).toFixed(1)}%`] : []),
+        ...(opts.relay
+          ? [fmt(relay), Number.isNaN(relay / direct) ? 'n/a' : `${((100 * relay) / direct).toFixed(1)}%`, fmt(socat), Number.isNaN(socat / direct) ? 'n/a' : `${((100 * socat) / direct).toFixed(1)}%`]
+          : []),
       ]),
     );
   }

@@ -60,9 +60,14 @@ export class DetourServer {
   }
 
   /** Any node program (the calibration relay), with the same PID-based lifecycle. */
-  static async spawnNode(argv: string[], listen: { host: string; port: number }, env: NodeJS.ProcessEnv = {}): Promise<DetourServer> {
-    const args = argv;
-    const proc = spawn(process.execPath, argv, { cwd: repoRoot, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  static spawnNode(argv: string[], listen: { host: string; port: number }, env: NodeJS.ProcessEnv = {}): Promise<DetourServer> {
+    return DetourServer.spawnProgram(process.execPath, argv, listen, env);
+  }
+
+  /** Any program that listens on `listen` once it is ready, with the same PID-based lifecycle. */
+  static async spawnProgram(cmd: string, argv: string[], listen: { host: string; port: number }, env: NodeJS.ProcessEnv = {}): Promise<DetourServer> {
+    const args = [cmd, ...argv];
+    const proc = spawn(cmd, argv, { cwd: repoRoot, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     const d = new DetourServer(proc);
     const exited = new Promise<never>((_, reject) => proc.once('exit', (code) => reject(new Error(`detour ${args.join(' ')} exited with ${code}:\n${d.output}`))));
     exited.catch(() => {});
