@@ -593,6 +593,9 @@ describe('capture gaps, in process against tgtd', () => {
     const commands = rounds.at(-1)!.commands as { writes: number };
     // 2 MiB at 1 MiB per WRITE (tgtd states no smaller transfer limit): 2 commands, not 512.
     expect(commands.writes).toBe(2);
+    // Every byte counted (the drain rate, and so the cutover estimate, is made of this count).
+    expect(rounds.length).toBe(1);
+    expect(rounds[0]!.bytes).toBe(2 * MiB);
     console.log(`drain of 512 touching 4 KiB extents: ${JSON.stringify(commands)} in ${rounds.length} round(s)`);
   }, 120_000);
 

@@ -162,6 +162,10 @@ interface DrainJob {
  */
 const DRAIN_WORKERS = 16;
 
+/** A cutover estimate this short is taken at once: the pause it means is not worth another round. */
+const CUTOVER_SHORT_SECONDS = 0.1;
+/** Rounds the drain may add, once the estimate fits the budget, to shorten the cutover pause. */
+const CUTOVER_EXTRA_ROUNDS = 3;
 /** Drain rounds that may miss the cutover estimate before initiator writes are held back. */
 const THROTTLE_AFTER_ROUNDS = 3;
 /** The write limit goes down to this fraction of the drain rate, and no further. */
@@ -934,7 +938,10 @@ export class BackupRun {
         const job = jobs[next++];
         if (!job) break;
         sent += job.same ? this.blockSize : job.blocks * this.blockSize;
-        bytes += await this.drainJob(journal, job);
+        // Not `bytes += await ...`: that reads `bytes` before the await, and the workers running
+        // meanwhile would lose their counts (the drain rate, and so the cutover estimate, with them).
+        const written = await this.drainJob(journal, job);
+        bytes += written;
       }
     });
     // The cache is the LU's: one SYNCHRONIZE CACHE covers writes sent on any nexus.
@@ -1068,6 +1075,8 @@ export class BackupRun {
     const budgetSec = this.volume.config.ioTimeoutBudget / 1000;
     let slowRounds = 0;
     let divisor = 1;
+    let lastEstimate = Number.POSITIVE_INFINITY;
+    let extraRounds = 0;
     try {
       for (let blocked = 0; ; ) {
         this.checkStop();
@@ -1083,9 +1092,17 @@ export class BackupRun {
         }
         blocked = 0;
         this.reservationCleared();
-        // Cut over once what is left fits well inside the initiators' budget.
+        // Cut over once what is left fits well inside the initiators' budget. The cutover pause is
+        // about that estimate, so while rounds still shrink what is left quickly, a few more
+        // rounds (with the initiators running) buy a shorter pause.
         const estimate = this.estimateSeconds();
-        if (estimate < budgetSec / 2) return;
+        if (estimate < budgetSec / 2) {
+          const shrinking = estimate < lastEstimate / 2;
+          if (estimate <= CUTOVER_SHORT_SECONDS || !shrinking || ++extraRounds > CUTOVER_EXTRA_ROUNDS) return;
+          lastEstimate = estimate;
+          continue;
+        }
+        lastEstimate = estimate;
         if (drained > 0 && ++slowRounds >= THROTTLE_AFTER_ROUNDS) {
           divisor = Math.min(divisor * 2, THROTTLE_MIN_DIVISOR);
           const limit = Math.max(this.drainRate / divisor, THROTTLE_FLOOR_BYTES_PER_SECOND);
