@@ -58,6 +58,15 @@ class BackendRefused extends Error {
  * device's identity is the main target's own, because INQUIRY, VPD and READ CAPACITY are
  * answered by the main target itself.
  */
+/**
+ * Lets an abort of the front task reach the backend command once it has an ITT. A module function
+ * bound per command rather than a closure: the TypeScript loader wraps each named closure it
+ * creates in a property definition, which shows on the data path.
+ */
+function bindAbort(task: ScsiTask, s: InitiatorSession, itt: number): void {
+  task.onAbort = () => s.abortCommand(itt);
+}
+
 export class InlineDevice implements ScsiTargetDevice {
   private readonly backends = new Map<string, InitiatorSession>();
   /** Unit attentions main reported to detour's own commands on an initiator's nexus, per nexus. */
@@ -132,15 +141,13 @@ export class InlineDevice implements ScsiTargetDevice {
         dataInLength: task.dataInLength,
         dataInBuffer: pooled,
         attr: task.attr,
-        onItt: (itt) => {
-          task.onAbort = () => s.abortCommand(itt);
-        },
+        onItt: bindAbort.bind(undefined, task, s),
         direction: { read: task.read, write: task.write },
       })
       .then((r) => {
         const o = toOutcome(r);
         if (pooled) {
-          if (r.data && r.data.buffer === pooled.buffer) o.release = () => dataBuffers.release(pooled);
+          if (r.data && r.data.buffer === pooled.buffer) o.release = dataBuffers.release.bind(dataBuffers, pooled);
           else dataBuffers.release(pooled);
         }
         return o;

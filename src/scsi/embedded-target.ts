@@ -539,13 +539,11 @@ export class EmbeddedTarget implements ScsiTargetDevice {
 
     const spec = lookupCommand(cdb);
     const dataOutLength = typeof spec === 'object' && spec.dataOut ? safeDataOut(spec, cdb, lu.blockSize) : undefined;
-    const withLength = (o: ScsiOutcome): ScsiOutcome =>
-      dataOutLength !== undefined && o.dataOutLength === undefined ? { ...o, dataOutLength } : o;
 
     // A pending unit attention is reported before anything else is looked at.
     if (!UA_EXEMPT.has(opcode)) {
       const ua = lu.takeUa(key);
-      if (ua) return withLength(this.check(lu, new CheckCondition(SenseKey.UNIT_ATTENTION, ua.asc, ua.ascq)));
+      if (ua) return withDataOutLength(dataOutLength, this.check(lu, new CheckCondition(SenseKey.UNIT_ATTENTION, ua.asc, ua.ascq)));
     }
     if (spec === 'invalid-opcode') return this.check(lu, INVALID_OPCODE);
     if (spec === 'invalid-service-action') {
@@ -554,11 +552,12 @@ export class EmbeddedTarget implements ScsiTargetDevice {
       }));
     }
     if (cdb.length < spec.cdbLength) {
-      return withLength(this.check(lu, new CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB.asc, Asc.INVALID_FIELD_IN_CDB.ascq)));
+      return withDataOutLength(dataOutLength, this.check(lu, new CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB.asc, Asc.INVALID_FIELD_IN_CDB.ascq)));
     }
     const reserved = firstReservedBit(spec, cdb);
     if (reserved) {
-      return withLength(
+      return withDataOutLength(
+        dataOutLength,
         this.check(lu, new CheckCondition(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB.asc, Asc.INVALID_FIELD_IN_CDB.ascq, {
           field: { inCdb: true, byte: reserved.byte, bit: reserved.bit },
         })),
@@ -566,16 +565,16 @@ export class EmbeddedTarget implements ScsiTargetDevice {
     }
 
     if (lu.spc2Holder !== undefined && lu.spc2Holder !== key && !spec.spc2Allowed) {
-      return withLength({ status: ScsiStatus.RESERVATION_CONFLICT });
+      return withDataOutLength(dataOutLength, { status: ScsiStatus.RESERVATION_CONFLICT });
     }
     const access = typeof spec.pr === 'function' ? spec.pr(cdb) : spec.pr;
-    if (lu.pr.conflicts(key, access)) return withLength({ status: ScsiStatus.RESERVATION_CONFLICT });
+    if (lu.pr.conflicts(key, access)) return withDataOutLength(dataOutLength, { status: ScsiStatus.RESERVATION_CONFLICT });
 
     const ctx: CommandContext = { task, cdb, lu, nexus: key, target: this };
     try {
-      return withLength(await spec.handler(ctx));
+      return withDataOutLength(dataOutLength, await spec.handler(ctx));
     } catch (err) {
-      return withLength(this.failure(lu, cdb, err));
+      return withDataOutLength(dataOutLength, this.failure(lu, cdb, err));
     }
   }
 
@@ -620,6 +619,11 @@ export class EmbeddedTarget implements ScsiTargetDevice {
         return spc.checkConditionFixed(LOGICAL_UNIT_NOT_SUPPORTED);
     }
   }
+}
+
+/** An answer that did not take the command's Data-Out still states how much was expected. */
+function withDataOutLength(dataOutLength: number | undefined, o: ScsiOutcome): ScsiOutcome {
+  return dataOutLength !== undefined && o.dataOutLength === undefined ? { ...o, dataOutLength } : o;
 }
 
 function safeDataOut(spec: CommandSpec, cdb: Buffer, blockSize: number): number | undefined {

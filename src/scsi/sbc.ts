@@ -101,7 +101,7 @@ export async function read(ctx: CommandContext): Promise<ScsiOutcome> {
     dataBuffers.release(buf);
     throw err;
   }
-  return { status: ScsiStatus.GOOD, dataIn: buf.subarray(0, length), release: () => dataBuffers.release(buf) };
+  return { status: ScsiStatus.GOOD, dataIn: buf.subarray(0, length), release: dataBuffers.release.bind(dataBuffers, buf) };
 }
 
 /**

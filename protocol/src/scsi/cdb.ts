@@ -356,10 +356,12 @@ export function decodeBlockCdb(cdb: Buffer): BlockCdb | undefined {
     lba = layout.lba ? readField(cdb, layout.lba) : 0;
     blocks = layout.len ? readField(cdb, layout.len) : 0;
   }
-  const has = (f: Flag): boolean => layout.flags.includes(f);
+  // No local helper closure: the TypeScript loader names every closure it creates (a property
+  // definition per call), and this runs for every command.
+  const flags = layout.flags;
   const kind = layout.kind;
-  const bytchk = has('bytchk') ? (b1 >> 1) & 0x03 : undefined;
-  const ndob = has('ndob') ? (b1 & NDOB) !== 0 : undefined;
+  const bytchk = flags.includes('bytchk') ? (b1 >> 1) & 0x03 : undefined;
+  const ndob = flags.includes('ndob') ? (b1 & NDOB) !== 0 : undefined;
 
   let dataOutBlocks = 0;
   switch (kind) {
@@ -388,8 +390,8 @@ export function decodeBlockCdb(cdb: Buffer): BlockCdb | undefined {
     cdbLength: layout.length,
     lba,
     blocks,
-    fua: has('fua') && (b1 & FUA) !== 0,
-    dpo: has('dpo') && (b1 & DPO) !== 0,
+    fua: flags.includes('fua') && (b1 & FUA) !== 0,
+    dpo: flags.includes('dpo') && (b1 & DPO) !== 0,
     groupNumber: layout.group !== undefined ? cdb[layout.group]! & GROUP_MASK : 0,
     control: cdb[layout.length - 1]!,
     isWrite:
@@ -411,7 +413,7 @@ export function decodeBlockCdb(cdb: Buffer): BlockCdb | undefined {
   }
   if (kind === 'unmap') out.anchor = (b1 & UNMAP_ANCHOR) !== 0;
   if (ndob !== undefined) out.ndob = ndob;
-  if (has('immed')) out.immed = (b1 & IMMED) !== 0;
+  if (flags.includes('immed')) out.immed = (b1 & IMMED) !== 0;
   if (layout.protect) out[layout.protect] = b1 >> 5;
   if (kind === 'compare-and-write') out.numberOfLogicalBlocks = blocks;
   if (layout.extra) out[layout.extra.name] = readField(cdb, layout.extra.field);
