@@ -5,12 +5,6 @@
 // flight needs more. libuv reads this once, when the pool first starts, so it is set before any
 // asynchronous file operation.
 process.env.UV_THREADPOOL_SIZE ??= '16';
-// libuv 1.46 (Node 20) sends file reads and writes through io_uring when the kernel has it. Measured
-// on Linux 6.x with 4 KiB random reads at QD 32 from a page-cached image, that path costs the event
-// loop ~28 us per read (the copy happens in the submitting thread), against a few us to hand the
-// read to the thread pool: `detour target` served 53-80% of tgtd's IOPS with it, 92% without it.
-// libuv reads this once, at the first file operation, so it too is set before any.
-process.env.UV_USE_IO_URING ??= '0';
 
 const { register } = await import('tsx/esm/api');
 
