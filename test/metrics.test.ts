@@ -29,6 +29,7 @@ const CONTRACT_METRICS: [string, string, string[]][] = [
   // Additions to the contract.
   ['detour_login_redirects_total', 'counter', ['volume']],
   ['detour_backup_progress_ratio', 'gauge', ['volume']],
+  ['detour_write_limit_bytes_per_second', 'gauge', ['volume']],
 ];
 
 const READ_10 = Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
@@ -57,6 +58,7 @@ describe('metrics', () => {
     metrics.backupSucceeded('vol1', new Date('2026-11-03T12:00:00Z'));
     metrics.loginRedirected('vol1');
     metrics.setProgress('vol1', 8 << 20, 1 << 30);
+    metrics.setWriteLimit('vol1', 1 << 20);
     text = await metrics.registry.metrics();
     parsed = parseExposition(text);
   });
@@ -334,5 +336,16 @@ describe('redirected sessions and redirects (proxy-directed volumes)', () => {
     expect(await progress()).toBe(1);
     m.setPhase('v', 'switching');
     expect(await progress()).toBe(0);
+  });
+
+  it('write limit: 0 while writes are not held back, the admitted rate while they are', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('v');
+    const limit = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_write_limit_bytes_per_second', { volume: 'v' });
+    expect(await limit()).toBe(0);
+    m.setWriteLimit('v', 2_097_152);
+    expect(await limit()).toBe(2_097_152);
+    m.setWriteLimit('v', null);
+    expect(await limit()).toBe(0);
   });
 });

@@ -42,6 +42,8 @@ export interface DetourMetrics {
   loginRedirects: Counter<VolumeLabel>;
   /** Share of the volume copied by the backup in progress, or by the last one (an addition). */
   backupProgress: Gauge<VolumeLabel>;
+  /** Admission limit on initiator writes while a drain does not converge, 0 = none (an addition). */
+  writeLimit: Gauge<VolumeLabel>;
 
   /**
    * Publishes zero-valued series for a configured volume, so dashboards and rate() see the volume
@@ -76,6 +78,8 @@ export interface DetourMetrics {
   setProgress(volume: string, copied: number, total: number): void;
   addCopied(volume: string, bytes: number): void;
   setJournal(volume: string, journal: { records: number; bytes: number; unreflected: number }): void;
+  /** Bytes per second initiator writes are admitted at, or null when they are not held back. */
+  setWriteLimit(volume: string, bytesPerSecond: number | null): void;
   addDrained(volume: string, bytes: number): void;
   observeCutover(volume: string, seconds: number): void;
   /** A backup of the volume completed; `time` is when (Date or epoch milliseconds). */
@@ -142,6 +146,12 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
   const journalUnreflected = new Gauge({
     name: 'detour_journal_unreflected_records',
     help: 'Journal records not yet written to the main target',
+    labelNames: ['volume'] as const,
+    registers,
+  });
+  const writeLimit = new Gauge({
+    name: 'detour_write_limit_bytes_per_second',
+    help: 'Rate initiator writes are admitted at while the drain does not keep up with them (0: not held back)',
     labelNames: ['volume'] as const,
     registers,
   });
@@ -248,6 +258,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     lastBackupSuccess,
     loginRedirects,
     backupProgress,
+    writeLimit,
 
     addVolume(volume) {
       setSessions(volume, {});
@@ -258,6 +269,10 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       drainBytes.inc({ volume }, 0);
       loginRedirects.inc({ volume }, 0);
       backupProgress.set({ volume }, 0);
+      writeLimit.set({ volume }, 0);
+    },
+    setWriteLimit(volume, bytesPerSecond) {
+      writeLimit.set({ volume }, bytesPerSecond === null ? 0 : level(bytesPerSecond));
     },
     async removeVolume(volume) {
       watched.delete(volume);
@@ -276,6 +291,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
         lastBackupSuccess,
         loginRedirects,
         backupProgress,
+        writeLimit,
       ];
       // prom-client's remove() takes a full label set, so go through the series that exist.
       for (const metric of all) await removeSeriesOf(metric, volume);

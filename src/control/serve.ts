@@ -91,7 +91,10 @@ function metricsHooks(m: DetourMetrics): EngineHooks {
     phase: (v, p) => {
       m.setPhase(v, p);
       // The journal is gone with the backup: say so now, not at the next gauge sample.
-      if (p === undefined || p === 'done') m.setJournal(v, { records: 0, bytes: 0, unreflected: 0 });
+      if (p === undefined || p === 'done') {
+        m.setJournal(v, { records: 0, bytes: 0, unreflected: 0 });
+        m.setWriteLimit(v, null);
+      }
     },
     copied: (v, bytes, total) => {
       m.setBytesTotal(v, total);
@@ -116,6 +119,7 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
     // of this backup; unreflected ones are not yet on the main target (Journal.unreflected counts
     // records not yet in the snapshot map, which is another thing).
     m.setJournal(v.name, j ? { records: j.lastSeq, bytes: j.bytes, unreflected: j.lastSeq - j.drainedSeq } : { records: 0, bytes: 0, unreflected: 0 });
+    m.setWriteLimit(v.name, live && live.phase !== 'done' ? live.throttle.bytesPerSecond : null);
     const r = running.get(v.name);
     if (r?.phase === 'copying') m.setProgress(v.name, r.bytesCopied, r.bytesTotal);
   }
