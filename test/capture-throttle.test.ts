@@ -80,4 +80,33 @@ describe('WriteThrottle', () => {
     const t = new WriteThrottle();
     for (const bad of [0, -1, Number.NaN, Number.POSITIVE_INFINITY]) expect(() => t.setRate(bad)).toThrow(/bad write admission rate/);
   });
+
+  it('no write waits longer than maxHoldMs, whatever the rate; those let through still count against it', async () => {
+    const t = new WriteThrottle(2000);
+    t.setRate(64 * KiB);
+    const admittedAt: number[] = [];
+    const start = performance.now();
+    // 16 writes of 1 MiB: at 64 KiB/s the last would wait four minutes.
+    for (let i = 0; i < 16; i++) {
+      const w = t.admit(1024 * KiB);
+      if (w) void w.then(() => admittedAt.push(performance.now() - start));
+      else admittedAt.push(0);
+    }
+    await vi.advanceTimersByTimeAsync(1999);
+    expect(admittedAt.length).toBe(1);
+    await vi.advanceTimersByTimeAsync(2);
+    expect(admittedAt.length).toBe(16);
+    expect(Math.max(...admittedAt)).toBeLessThanOrEqual(2001);
+    // The debt they ran up holds the next write back, up to the cap again.
+    let next = false;
+    void t.admit(4 * KiB)?.then(() => (next = true));
+    await vi.advanceTimersByTimeAsync(1900);
+    expect(next).toBe(false);
+    await vi.advanceTimersByTimeAsync(200);
+    expect(next).toBe(true);
+  });
+
+  it('refuses a hold cap that is not positive', () => {
+    expect(() => new WriteThrottle(0)).toThrow(/bad maxHoldMs/);
+  });
 });

@@ -285,7 +285,7 @@ export class BackupRun {
   /** Average write rate to main during drains, bytes per second. */
   private drainRate = 0;
   /** Holds initiator writes back while the drain does not converge (see drainUntilCutover). */
-  readonly throttle = new WriteThrottle();
+  readonly throttle: WriteThrottle;
   /** Settles when the run has ended (completed, failed, cancelled, or parked), or failed to start. */
   readonly done: Promise<void>;
   private settleDone!: () => void;
@@ -306,6 +306,8 @@ export class BackupRun {
     private readonly opts: BackupRunOptions,
   ) {
     this.resumed = opts.resume;
+    // A held write waits at most half of what the initiators tolerate as a pause.
+    this.throttle = new WriteThrottle(Math.max(volume.config.ioTimeoutBudget / 2, 50));
     this.id = opts.resume?.backupId ?? opts.id ?? '';
     this.label = opts.resume ? opts.resume.label : (opts.label ?? null);
     if (opts.resume) {

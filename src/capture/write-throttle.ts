@@ -9,6 +9,11 @@
 //
 // A token bucket in bytes: writes are admitted in arrival order at `rate` bytes per second, with up
 // to a quarter second of burst. Unthrottled (the normal case) it costs one branch per write.
+//
+// No write waits longer than `maxHoldMs`, whatever the rate: an initiator with many large writes
+// queued would otherwise see one of them outlast its command timeout, and its abort (which waits
+// for the command) and reset would follow. The cap is what the volume's ioTimeoutBudget says the
+// initiators tolerate; a write let through by it still counts against the rate.
 
 /** Burst allowance, in seconds of the current rate. */
 const BURST_SECONDS = 0.25;
@@ -17,13 +22,17 @@ export class WriteThrottle {
   private rate: number | null = null;
   private tokens = 0;
   private refilledAt = 0;
-  private readonly waiting: Array<{ bytes: number; admit: () => void }> = [];
+  private readonly waiting: Array<{ bytes: number; since: number; admit: () => void }> = [];
   private timer: NodeJS.Timeout | undefined;
   /** Bytes of every write admitted, throttled or not: the initiators' write volume. */
   admittedBytes = 0;
   /** Writes that had to wait, and their total wait, for logs and tests. */
   heldWrites = 0;
   heldMs = 0;
+
+  constructor(private readonly maxHoldMs = Number.POSITIVE_INFINITY) {
+    if (!(maxHoldMs > 0)) throw new RangeError(`bad maxHoldMs ${maxHoldMs}`);
+  }
 
   /** Bytes per second admitted, or null when writes go through at once. */
   get bytesPerSecond(): number | null {
@@ -79,6 +88,7 @@ export class WriteThrottle {
     return new Promise<void>((resolve) => {
       this.waiting.push({
         bytes,
+        since,
         admit: () => {
           this.heldWrites++;
           this.heldMs += performance.now() - since;
@@ -102,14 +112,16 @@ export class WriteThrottle {
     }
     if (this.rate === null) return;
     this.refill();
-    while (this.waiting.length > 0 && this.tokens >= 0) {
+    const now = performance.now();
+    while (this.waiting.length > 0 && (this.tokens >= 0 || now - this.waiting[0]!.since >= this.maxHoldMs)) {
       const w = this.waiting.shift()!;
       this.tokens -= w.bytes;
       w.admit();
     }
     if (this.waiting.length > 0) {
-      const ms = Math.max(1, Math.ceil((-this.tokens / this.rate) * 1000));
-      this.timer = setTimeout(() => this.pump(), ms);
+      const untilTokens = (-this.tokens / this.rate) * 1000;
+      const untilCap = this.waiting[0]!.since + this.maxHoldMs - now;
+      this.timer = setTimeout(() => this.pump(), Math.max(1, Math.ceil(Math.min(untilTokens, untilCap))));
     }
   }
 
