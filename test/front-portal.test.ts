@@ -1,9 +1,16 @@
 // The portal's lifecycle: stopListening() refuses new connections while sessions already open keep
 // working (a shutdown lets their commands finish), and close() then ends those too.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 import pino from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
+import { InitiatorSession } from '../src/back/index.ts';
 import { Portal } from '../src/front/portal.ts';
+import { dataBuffers } from '../src/scsi/buffer-pool.ts';
+import { EmbeddedTarget } from '../src/scsi/embedded-target.ts';
 import { RawIscsiClient } from './helpers/raw-iscsi.ts';
 
 function connectRefused(port: number): Promise<string> {
@@ -42,4 +49,41 @@ describe('Portal', () => {
     portal = undefined;
     await expect(open.ping(echo, 2000)).rejects.toThrow();
   });
+
+  it('write data lands in pooled buffers that are reused, and every byte written reads back', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-pool-'));
+    const iqn = 'iqn.2026-11.test:pool';
+    const device = new EmbeddedTarget({ targetName: iqn, luns: [{ lun: 0, file: path.join(dir, 'lun.img'), size: 64 << 20, blockSize: 512 }] });
+    await device.open();
+    portal = new Portal({ host: '127.0.0.1', port: 0, targets: [{ name: iqn, portalGroupTag: 1, device }], logger: pino({ level: 'silent' }) });
+    await portal.listen();
+    const initiator = await InitiatorSession.connect({ portal: `127.0.0.1:${portal.port}`, targetName: iqn, initiatorName: 'iqn.2026-11.test:pool-initiator' });
+    try {
+      const model = Buffer.alloc(64 << 20);
+      // 4 KiB and 64 KiB writes go as immediate data (first burst), 1 MiB ones past it by R2T;
+      // 32 at a time, so that freed buffers are taken again by later commands.
+      const sizes = [4096, 65536, 1 << 20];
+      const idleBefore = dataBuffers.idle;
+      for (let round = 0; round < 8; round++) {
+        await Promise.all(
+          Array.from({ length: 32 }, async (_, i) => {
+            const len = sizes[(round + i) % sizes.length]!;
+            const lba = (round * 32 + i) * 4096; // 2 MiB apart: no overlap between writes of a round
+            const data = crypto.randomBytes(len);
+            await initiator.write(0, lba % ((64 << 20) / 512 - 2048), data, 512);
+            data.copy(model, (lba % ((64 << 20) / 512 - 2048)) * 512);
+          }),
+        );
+      }
+      expect(dataBuffers.idle).toBeGreaterThan(idleBefore);
+      const back = await initiator.read(0, 0, (64 << 20) / 512, 512);
+      expect(crypto.createHash('sha256').update(back).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    } finally {
+      await initiator.logout().catch(() => initiator.close());
+      await portal.close();
+      portal = undefined;
+      await device.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
 });

@@ -29,6 +29,7 @@ import {
   type TextRequest,
 } from 'iscsi-node-wire';
 import { Asc, buildSense, SenseKey, wrapIscsiSense } from '../../protocol/src/scsi/sense.ts';
+import { BufferPool, dataBuffers } from '../scsi/buffer-pool.ts';
 import type { ScsiOutcome } from '../scsi/task.ts';
 import { FrontTask } from './task.ts';
 import type { LoginController, LoginOutcome } from './login.ts';
@@ -196,9 +197,33 @@ export class FrontConnection {
    * next one expected there; anything else gets a buffer of its own and acceptData judges it.
    */
   private dataOutDestination(header: Buffer, length: number): Buffer | undefined {
-    if ((header[0]! & 0x3f) !== Opcode.DataOut || this.state !== 'full-feature') return undefined;
+    if (this.state !== 'full-feature') return undefined;
+    if ((header[0]! & 0x3f) === Opcode.ScsiCommand) {
+      // Immediate data of a write: at the start of a pool buffer big enough for the whole
+      // transfer (EDTL), so the task neither allocates nor copies it (FrontTask.start).
+      if ((header[1]! & 0x20) === 0) return undefined;
+      const size = Math.max(length, header.readUInt32BE(20));
+      // Past the pool's largest class (16 MiB) the receiver allocates as before.
+      if (!BufferPool.pooled(size)) return undefined;
+      const whole = dataBuffers.take(size);
+      this.pooledPayloads.set(whole.buffer, whole);
+      return whole.subarray(0, length);
+    }
+    if ((header[0]! & 0x3f) !== Opcode.DataOut) return undefined;
     const task = this.taskForDataOut(header.readUInt32BE(16), header.readUInt32BE(20));
     return task?.placeFor(header.readUInt32BE(20), header.readUInt32BE(36), header.readUInt32BE(40), length);
+  }
+
+  /** Pool buffers handed to the receiver for immediate data, by their memory, until a task adopts one. */
+  private readonly pooledPayloads = new WeakMap<ArrayBufferLike, Buffer>();
+
+  /** The pool buffer a command's immediate data was received into (at its start), for its task. */
+  adoptPooledPayload(data: Buffer): Buffer | undefined {
+    if (data.length === 0) return undefined;
+    const whole = this.pooledPayloads.get(data.buffer);
+    if (!whole || data.byteOffset !== whole.byteOffset) return undefined;
+    this.pooledPayloads.delete(data.buffer);
+    return whole;
   }
 
   private dispatch(pdu: Pdu, header: Buffer): void {
@@ -498,10 +523,16 @@ export class FrontConnection {
     const started = process.hrtime.bigint();
     task.done = device
       .execute(task.toScsiTask(this.session!.nexus))
-      .catch((err: unknown): ScsiOutcome => {
-        this.log.error({ err, itt: task.itt }, 'SCSI executor failed');
-        return { status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.HARDWARE_ERROR, ...Asc.INTERNAL_TARGET_FAILURE }) };
-      })
+      .then(
+        (outcome) => {
+          task.releaseDataOut();
+          return outcome;
+        },
+        (err: unknown): ScsiOutcome => {
+          this.log.error({ err, itt: task.itt }, 'SCSI executor failed');
+          return { status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.HARDWARE_ERROR, ...Asc.INTERNAL_TARGET_FAILURE }) };
+        },
+      )
       .then((outcome) => {
         task.elapsedNs = process.hrtime.bigint() - started;
         this.complete(task, outcome);

@@ -1,4 +1,5 @@
 import { RESERVED_TAG, type DataOut, type ScsiCommand } from 'iscsi-node-wire';
+import { BufferPool, dataBuffers } from '../scsi/buffer-pool.ts';
 import type { ItNexus, ScsiTask } from '../scsi/task.ts';
 import type { FrontConnection } from './connection.ts';
 
@@ -31,6 +32,8 @@ export class FrontTask implements ScsiTask {
   readonly dataInLength: number;
   /** Gathered Data-Out. */
   private buffer: Buffer | undefined;
+  /** The pool buffer `buffer` lies in, if any: given back once the executor is done with it. */
+  private pooled: Buffer | undefined;
   private received = 0;
   private unsolicitedOpen = false;
   private unsolicitedEnd = 0;
@@ -93,14 +96,24 @@ export class FrontTask implements ScsiTask {
     const edtl = this.expectedDataTransferLength;
     const imm = this.immediate ?? Buffer.alloc(0);
     this.immediate = undefined;
+    // Immediate data the receiver placed at the start of a pool buffer sized for the whole
+    // transfer (see FrontConnection.dataOutDestination): the rest is gathered behind it, uncopied.
+    const behind = this.conn.adoptPooledPayload(imm);
     if (imm.length >= edtl) {
       // Everything came as immediate data: no copy at all.
       this.buffer = imm.subarray(0, edtl);
+      this.pooled = behind;
       this.received = edtl;
       return;
     }
-    this.buffer = Buffer.allocUnsafe(edtl);
-    imm.copy(this.buffer, 0);
+    if (behind && behind.length >= edtl) {
+      this.pooled = behind;
+      this.buffer = behind.subarray(0, edtl);
+    } else {
+      this.pooled = BufferPool.pooled(edtl) ? dataBuffers.take(edtl) : undefined;
+      this.buffer = this.pooled ? this.pooled.subarray(0, edtl) : Buffer.allocUnsafe(edtl);
+      imm.copy(this.buffer, 0);
+    }
     this.received = imm.length;
     const p = this.conn.params!;
     this.unsolicitedEnd = imm.length;
@@ -205,6 +218,22 @@ export class FrontTask implements ScsiTask {
     this.nexus = nexus;
     this.dataOut = this.buffer ? this.buffer.subarray(0, this.received) : NO_DATA;
     return this;
+  }
+
+  /**
+   * The executor has settled normally: nothing reads the Data-Out any more (a journal append, a
+   * backend WRITE and a file write all resolve only after their last use of it), and with all of
+   * it received no Data-Out PDU is placed here again. Its pool buffer can serve the next command.
+   * Not after a failed executor (it may have left work in flight) nor for a task failed early
+   * (a payload may still be on its way into the buffer): those are left to the garbage collector.
+   */
+  releaseDataOut(): void {
+    const p = this.pooled;
+    if (!p) return;
+    this.pooled = undefined;
+    this.buffer = undefined;
+    this.dataOut = NO_DATA;
+    dataBuffers.release(p);
   }
 
   /** Ends the task with a status before (or instead of) running it. */
