@@ -31,16 +31,21 @@ export class FrontSession {
     return snAdd(this.expCmdSN, this.window - 1);
   }
 
+  /** Built once: every field comes from the login and never changes; frozen, since it is shared. */
+  private nexusCache: ItNexus | undefined;
+
   get nexus(): ItNexus {
+    if (this.nexusCache) return this.nexusCache;
     const isid = this.isid.toString('hex');
-    return {
+    this.nexusCache = Object.freeze({
       initiatorName: this.initiatorName,
       isid,
       tsih: this.tsih,
       targetName: this.target?.name ?? '',
       portalGroupTag: this.target?.portalGroupTag ?? 1,
       initiatorPort: `${this.initiatorName},i,0x${isid}`,
-    };
+    });
+    return this.nexusCache;
   }
 
   /**
