@@ -463,6 +463,30 @@ async function waitUntil(pred: () => boolean, ms: number, what: string): Promise
   }
 }
 
+type InProcess = Awaited<ReturnType<typeof inProcess>>;
+
+/** Starts a backup of vol1 and waits until it copies; returns its id. */
+async function startCopying(engine: InProcess['proxy']['engine'], opts: { label?: string } = {}): Promise<string> {
+  const { id } = await engine.startBackup('vol1', opts);
+  await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
+  expect(engine.getBackup(id)!.phase).toBe('copying');
+  return id;
+}
+
+/** The ended backup completed without an error, and its image is the volume at the freeze. */
+function expectCompletedWithImageOf(engine: InProcess['proxy']['engine'], id: string, original: Buffer): void {
+  const b = engine.getBackup(id)!;
+  expect(b.error).toBeNull();
+  expect(b.state).toBe('completed');
+  expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
+}
+
+/** Waits for the hand-back to bring the initiator to tgtd, then logs it out. */
+async function logoutOnceBackOnMain(initiator: InProcess['initiator']): Promise<void> {
+  await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
+  await initiator.logout();
+}
+
 describe('capture gaps, in process against tgtd', () => {
   it('journalCapacity: at the high-water mark during the copy the backup is given up, writes are never failed, main gets every one', async () => {
     expect(() => validateConfig({ volumes: [{ name: 'v', target: IQN, main: '127.0.0.1', topology: 'inline', journalCapacity: '64M' }] }, 'x.yaml')).toThrow(
@@ -471,9 +495,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(validateConfig({ volumes: [{ name: 'v', target: IQN, main: '127.0.0.1', topology: 'inline', journalCapacity: '8G' }] }, 'x.yaml').volumes[0]!.journalCapacity).toBe(8 * 1024 * MiB);
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '2M' }, { journalCapacity: 8 * MiB });
     const engine = proxy.engine;
-    const { id } = await engine.startBackup('vol1', { label: 'small journal' });
-    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
-    expect(engine.getBackup(id)!.phase).toBe('copying');
+    const id = await startCopying(engine, { label: 'small journal' });
 
     // 1 MiB writes at distinct places: 8 of them fill the journal; they go on after the give-up.
     const model = Buffer.from(original);
@@ -497,8 +519,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(writesWhileCapturing).toBeGreaterThanOrEqual(7);
     expect(logs().some((l) => l.msg === 'journal above its high-water mark')).toBe(true);
     // Handed back to main, where every acknowledged write is.
-    await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
-    await initiator.logout();
+    await logoutOnceBackOnMain(initiator);
     expect(writes).toBe(24);
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
     console.log(`journalCapacity 8M: backup given up after ${writesWhileCapturing} writes of 1 MiB during the capture; slowest write ${slowest.ms} ms`);
@@ -507,9 +528,7 @@ describe('capture gaps, in process against tgtd', () => {
   it('drains WRITE SAME and UNMAP records as WRITE SAME(16) (UNMAP bit: tgtd reads unmapped blocks as zeros), and main ends up as the capture view showed', async () => {
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { thinProvisioning: true });
     const engine = proxy.engine;
-    const { id } = await engine.startBackup('vol1', {});
-    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
-    expect(engine.getBackup(id)!.phase).toBe('copying');
+    const id = await startCopying(engine);
 
     const model = Buffer.from(original);
     const allocatedBefore = fs.statSync(lunFile).blocks * 512;
@@ -540,12 +559,8 @@ describe('capture gaps, in process against tgtd', () => {
     expect((await initiator.read(1, 900, 25_000 - 900, BS)).equals(model.subarray(900 * BS, 25_000 * BS))).toBe(true);
 
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
-    const b = engine.getBackup(id)!;
-    expect(b.error).toBeNull();
-    expect(b.state).toBe('completed');
-    expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
-    await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
-    await initiator.logout();
+    expectCompletedWithImageOf(engine, id, original);
+    await logoutOnceBackOnMain(initiator);
     expect(fs.readFileSync(lunFile).equals(model)).toBe(true);
     // The unmapped ranges (about 4.4 MiB) were unmapped on tgtd too: its file has holes there now.
     expect(logs().some((l) => String(l.msg).startsWith('main target refuses'))).toBe(false);
@@ -563,9 +578,7 @@ describe('capture gaps, in process against tgtd', () => {
   it('drain: touching extents from many records go to main as one large WRITE each', async () => {
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' });
     const engine = proxy.engine;
-    const { id } = await engine.startBackup('vol1', {});
-    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
-    expect(engine.getBackup(id)!.phase).toBe('copying');
+    const id = await startCopying(engine);
     // 512 single 4 KiB writes in shuffled order, together covering 2 MiB without a gap.
     const model = Buffer.from(original);
     const base = 40_000;
@@ -582,12 +595,8 @@ describe('capture gaps, in process against tgtd', () => {
     // All of them before the drain, so one round has them all.
     expect(engine.getBackup(id)!.phase).toBe('copying');
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
-    const b = engine.getBackup(id)!;
-    expect(b.error).toBeNull();
-    expect(b.state).toBe('completed');
-    expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
-    await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
-    await initiator.logout();
+    expectCompletedWithImageOf(engine, id, original);
+    await logoutOnceBackOnMain(initiator);
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
     const rounds = logs().filter((l) => l.msg === 'drain round');
     const commands = rounds.at(-1)!.commands as { writes: number };
@@ -605,9 +614,7 @@ describe('capture gaps, in process against tgtd', () => {
     // 2 s of drain against a 1 s threshold (half the 2 s budget), for as long as they write.
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '16M', drainRateLimit: '1M', ioTimeoutBudget: '2s' });
     const engine = proxy.engine;
-    const { id } = await engine.startBackup('vol1', {});
-    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
-    expect(engine.getBackup(id)!.phase).toBe('copying');
+    const id = await startCopying(engine);
     const model = Buffer.from(original);
     const base = 50_000;
     const slots = 512; // 4 KiB slots over 2 MiB, slot % 4 belongs to one writer
@@ -630,16 +637,12 @@ describe('capture gaps, in process against tgtd', () => {
       running = false;
       await Promise.all(writers);
     }
-    const b = engine.getBackup(id)!;
-    expect(b.error).toBeNull();
-    expect(b.state).toBe('completed');
-    expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
+    expectCompletedWithImageOf(engine, id, original);
     const held = logs().filter((l) => l.msg === 'drain not converging: initiator writes held to a fraction of the drain rate');
     expect(held.length).toBeGreaterThan(0);
     expect(logs().some((l) => l.msg === 'write limit lifted')).toBe(true);
     expect(perPhase.draining ?? 0).toBeGreaterThan(100);
-    await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
-    await initiator.logout();
+    await logoutOnceBackOnMain(initiator);
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
     const rounds = logs().filter((l) => l.msg === 'drain round');
     console.log(`writes per phase ${JSON.stringify(perPhase)}; ${rounds.length} drain rounds; limits ${held.map((l) => l.writeLimit).join(', ')} B/s`);

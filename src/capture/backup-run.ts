@@ -219,6 +219,22 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
+ * Waits until `bytes()` sent since `t0` (ms) is at or under `rate` bytes per second on average.
+ * Returns undefined, synchronously, when there is nothing to wait for: concurrent workers each
+ * check and then count their bytes in one step, so an await here would let all of them pass the
+ * check before any had counted. The wait is sliced and re-evaluated, so that bytes other workers
+ * add meanwhile count, and a cancel or a shutdown (`stop()`) does not sit out a long wait.
+ */
+function keepUnderRate(rate: number | undefined, bytes: () => number, t0: number, stop: () => boolean): Promise<void> | undefined {
+  if (!rate) return undefined;
+  const behind = () => (bytes() / rate) * 1000 - (Date.now() - t0);
+  if (behind() <= 0 || stop()) return undefined;
+  return (async () => {
+    for (let ahead = behind(); ahead > 0 && !stop(); ahead = behind()) await sleep(Math.min(ahead, 250));
+  })();
+}
+
+/**
  * Runs `count` workers over shared work and waits for every one of them, even after one fails, so
  * that nothing is still reading main or writing the store when the caller goes on (to park the
  * backup, or to give it up). Rethrows the first failure.
@@ -853,7 +869,6 @@ export class BackupRun {
     const t0 = Date.now();
     // The rate limit counts what this process copied: after a resume the earlier part is done.
     let copiedHere = 0;
-    const behind = () => (rate ? (copiedHere / rate) * 1000 - (Date.now() - t0) : 0);
     let next = 0;
     // Settles when the chunk taken before is handed to the writer (or given up).
     let lastTurn: Promise<void> = Promise.resolve();
@@ -895,9 +910,8 @@ export class BackupRun {
           committing.add(tracked);
           void tracked.finally(() => committing.delete(tracked));
           copiedHere += length;
-          // Stay at or under the limit on average: wait until the elapsed time covers the bytes.
-          // The wait is sliced so that a cancel or a shutdown does not sit out a long wait at a low limit.
-          for (let ahead = behind(); ahead > 0 && !this.stopRequested(); ahead = behind()) await sleep(Math.min(ahead, 250));
+          const pacing = keepUnderRate(rate, () => copiedHere, t0, () => this.stopRequested());
+          if (pacing) await pacing;
         }
       });
     } finally {
@@ -928,15 +942,14 @@ export class BackupRun {
     let bytes = 0;
     const jobs = this.drainJobs(snap.extents);
     let next = 0;
-    const limit = this.opts.drainRateLimit;
     // Bytes sent to main this round, for the rate limit (a WRITE SAME sends one block).
     let sent = 0;
     const tStart = Date.now();
-    const behind = () => (limit ? (sent / limit) * 1000 - (Date.now() - tStart) : 0);
     await runWorkers(DRAIN_WORKERS, async (stop) => {
       while (next < jobs.length && !stop()) {
         if (interruptible) this.checkStop();
-        for (let ahead = behind(); ahead > 0 && !stop() && !(interruptible && this.stopRequested()); ahead = behind()) await sleep(Math.min(ahead, 250));
+        const pacing = keepUnderRate(this.opts.drainRateLimit, () => sent, tStart, () => stop() || (interruptible && this.stopRequested()));
+        if (pacing) await pacing;
         const job = jobs[next++];
         if (!job) break;
         sent += job.same ? this.blockSize : job.blocks * this.blockSize;

@@ -112,16 +112,16 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
   for (const v of proxy.volumes.values()) {
     const here = v.frontSessions().length;
     m.setSessions(v.name, v.capture ? { capture: here } : { inline: here });
+    const run = running.get(v.name);
     // A run that reached 'done' has disposed of its journal even if it is still listed.
-    const live = running.get(v.name);
-    const j = live && live.phase !== 'done' ? live.journal : undefined;
+    const live = run && run.phase !== 'done' ? run : undefined;
+    const j = live?.journal;
     // A journal lives as long as its backup: none running, nothing journaled. Records are those
     // of this backup; unreflected ones are not yet on the main target (Journal.unreflected counts
     // records not yet in the snapshot map, which is another thing).
     m.setJournal(v.name, j ? { records: j.lastSeq, bytes: j.bytes, unreflected: j.lastSeq - j.drainedSeq } : { records: 0, bytes: 0, unreflected: 0 });
-    m.setWriteLimit(v.name, live && live.phase !== 'done' ? live.throttle.bytesPerSecond : null);
-    const r = running.get(v.name);
-    if (r?.phase === 'copying') m.setProgress(v.name, r.bytesCopied, r.bytesTotal);
+    m.setWriteLimit(v.name, live ? live.throttle.bytesPerSecond : null);
+    if (run?.phase === 'copying') m.setProgress(v.name, run.bytesCopied, run.bytesTotal);
   }
 }
 
