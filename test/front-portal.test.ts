@@ -11,6 +11,7 @@ import { InitiatorSession } from '../src/back/index.ts';
 import { Portal } from '../src/front/portal.ts';
 import { dataBuffers } from '../src/scsi/buffer-pool.ts';
 import { EmbeddedTarget } from '../src/scsi/embedded-target.ts';
+import { Opcode, RESERVED_TAG, type NopIn } from 'iscsi-node-wire';
 import { RawIscsiClient } from './helpers/raw-iscsi.ts';
 
 function connectRefused(port: number): Promise<string> {
@@ -48,6 +49,37 @@ describe('Portal', () => {
     await portal.close();
     portal = undefined;
     await expect(open.ping(echo, 2000)).rejects.toThrow();
+  });
+
+  it('keepalive: a NOP-In only after nopInIntervalMs of silence, and a close when it goes unanswered', async () => {
+    const interval = 200;
+    portal = new Portal({ host: '127.0.0.1', port: 0, targets: [], logger: pino({ level: 'silent' }), limits: { nopInIntervalMs: interval, nopInTimeoutMs: 400 } });
+    await portal.listen();
+    const c = await RawIscsiClient.connect('127.0.0.1', portal.port);
+    expect((await c.login({ initiatorName: 'iqn.2026-11.test:keepalive' })).loggedIn).toBe(true);
+    c.answerPings = false;
+    const isPing = (p: { opcode: number; itt: number }) => p.opcode === Opcode.NopIn && p.itt === RESERVED_TAG;
+
+    // Busy: a one-way NOP-Out every 50 ms for 5 intervals; the target never pings.
+    const busyUntil = Date.now() + 5 * interval;
+    while (Date.now() < busyUntil) {
+      c.sendPdu({ opcode: Opcode.NopOut, immediate: true, itt: RESERVED_TAG, ttt: RESERVED_TAG, lun: 0, cmdSN: 0, expStatSN: 0 });
+      const seen = await c.drain(50);
+      expect(seen.filter(isPing)).toEqual([]);
+    }
+    // Silent: the ping comes between one and one and a half intervals later (slack for a busy host).
+    const quietFrom = Date.now();
+    const ping = await c.next<NopIn>(isPing, 5 * interval);
+    const after = Date.now() - quietFrom;
+    expect(after).toBeGreaterThanOrEqual(interval - 20);
+    expect(ping.ttt).not.toBe(RESERVED_TAG);
+    // Answered: the connection stays; the next ping is another interval of silence away.
+    c.sendPdu({ opcode: Opcode.NopOut, immediate: true, itt: RESERVED_TAG, ttt: ping.ttt, lun: 0, cmdSN: 0, expStatSN: 0 });
+    const second = await c.next<NopIn>(isPing, 5 * interval);
+    expect(second.ttt).not.toBe(ping.ttt);
+    // Unanswered: closed after nopInTimeoutMs.
+    const { pdus } = await c.waitClosed(5 * interval);
+    expect(pdus.filter((p) => p.opcode !== Opcode.NopIn)).toEqual([]);
   });
 
   it('write data lands in pooled buffers that are reused, and every byte written reads back', async () => {

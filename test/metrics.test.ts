@@ -1,4 +1,6 @@
+import { Histogram, Registry } from 'prom-client';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { LatencyHistogram } from '../src/control/latency-histogram.ts';
 import { startApiServer, type RunningApiServer } from '../src/control/api-server.ts';
 import { BACKUP_PHASES, countInitiatorSessions, createMetrics, instrumentRedirects, type DetourMetrics } from '../src/control/metrics.ts';
 import { FakeEngine, recordingLogger } from './helpers/fake-engine.ts';
@@ -158,6 +160,49 @@ describe('metrics', () => {
     s = parseExposition(await m.registry.metrics()).samples;
     expect(s.filter((x) => x.labels.volume === 'fresh')).toEqual([]);
     expect(find(s, 'detour_sessions', { volume: 'kept' }).length).toBe(3);
+    // A volume of the same name added again starts counting from zero.
+    m.addVolume('fresh');
+    m.observeCommand('fresh', READ_10, 0, 0.001);
+    s = parseExposition(await m.registry.metrics()).samples;
+    expect(value(s, 'detour_scsi_commands_total', { volume: 'fresh', op: 'READ_10', status: 'GOOD' })).toBe(1);
+    expect(value(s, 'detour_scsi_command_duration_seconds_count', { volume: 'fresh', op: 'READ_10' })).toBe(1);
+  });
+
+  it('counts commands completed between scrapes once each, whatever the number of scrapes', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    const count = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_scsi_commands_total', { volume: 'v', op: 'READ_10', status: 'GOOD' });
+    for (let i = 0; i < 5; i++) m.observeCommand('v', READ_10, 0, 0.0001);
+    expect(await count()).toBe(5);
+    expect(await count()).toBe(5);
+    for (let i = 0; i < 3; i++) m.observeCommand('v', READ_10, 0, 0.0001);
+    expect((await m.registry.getMetricsAsJSON()).find((x) => x.name === 'detour_scsi_commands_total')?.values[0]?.value).toBe(8);
+    expect(await count()).toBe(8);
+  });
+});
+
+describe('the data-path latency histogram', () => {
+  it('exposes exactly what a prom-client Histogram exposes for the same observations, as text and as JSON', async () => {
+    const ours = new Registry();
+    const theirs = new Registry();
+    const opts = { name: 'lat_seconds', help: 'latency', labelNames: ['volume', 'op'] as const, buckets: [0.001, 0.01, 0.1, 1] };
+    const h = new LatencyHistogram({ ...opts, registers: [ours] });
+    const p = new Histogram({ ...opts, registers: [theirs] });
+    const values = [0, 0.0005, 0.001, 0.0011, 0.05, 0.1, 0.7, 1, 3, 1e6];
+    for (const [i, v] of values.entries()) {
+      const labels = { volume: i % 3 === 0 ? 'a' : 'b"\\q', op: i % 2 ? 'READ_10' : 'WRITE_10' };
+      h.series(labels).observe(v);
+      p.observe(labels, v);
+    }
+    expect(await ours.metrics()).toBe(await theirs.metrics());
+    // prom-client adds an empty `exemplar` to each value; detour does not use exemplars.
+    const withoutExemplars = (ms: Awaited<ReturnType<Registry['getMetricsAsJSON']>>) =>
+      ms.map((m) => ({ ...m, values: (m.values as Array<Record<string, unknown>>).map(({ exemplar: _e, ...v }) => v) }));
+    expect(await ours.getMetricsAsJSON()).toEqual(withoutExemplars(await theirs.getMetricsAsJSON()));
+    h.remove({ volume: 'a', op: 'WRITE_10' });
+    p.remove({ volume: 'a', op: 'WRITE_10' });
+    expect(await ours.metrics()).toBe(await theirs.metrics());
+    expect(() => h.series({ volume: 'a', nope: 'x' } as never)).toThrow(/unknown label "nope"/);
+    expect(() => h.series({ volume: 'a', op: 'READ_10' }).observe(Number.NaN)).toThrow(/finite/);
   });
 });
 

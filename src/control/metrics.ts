@@ -5,6 +5,7 @@
 
 import type { Logger } from 'pino';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { LatencyHistogram, type HistogramSeries } from './latency-histogram.ts';
 import { scsiOpName, scsiStatusName } from 'iscsi-node-wire';
 import type { BackupPhase, SessionMode } from './model.ts';
 
@@ -28,7 +29,7 @@ export interface DetourMetrics {
   registry: Registry;
   sessions: Gauge<'volume' | 'mode'>;
   scsiCommands: Counter<'volume' | 'op' | 'status'>;
-  scsiCommandDuration: Histogram<'volume' | 'op'>;
+  scsiCommandDuration: LatencyHistogram<'volume' | 'op'>;
   backupPhase: Gauge<'volume' | 'phase'>;
   backupBytesCopied: Counter<VolumeLabel>;
   backupBytesTotal: Gauge<VolumeLabel>;
@@ -99,14 +100,33 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     registers,
     collect: () => refreshRedirected(),
   });
+  // Once per command on the data path: commands are counted in plain numbers and handed to the
+  // counter when /metrics is scraped, because prom-client hashes the label set on every inc().
+  const commandSeries = new Map<string, CommandSeries>();
   const scsiCommands = new Counter({
     name: 'detour_scsi_commands_total',
     help: 'SCSI commands completed through detour, by operation and SCSI status',
     labelNames: ['volume', 'op', 'status'] as const,
     registers,
+    collect() {
+      for (const c of commandSeries.values()) {
+        if (c.uncounted === 0) continue;
+        this.inc(c.labels, c.uncounted);
+        c.uncounted = 0;
+      }
+    },
   });
-  const commandSeries = new Map<string, { count: { inc(): void }; duration: { observe(v: number): void } }>();
-  const scsiCommandDuration = new Histogram({
+  const seriesByCode = new Map<string, Map<number, CommandSeries>>();
+  const commandSeriesOf = (volume: string, op: string, status: string): CommandSeries => {
+    const key = `${volume}\0${op}\0${status}`;
+    let c = commandSeries.get(key);
+    if (!c) {
+      c = { volume, labels: { volume, op, status }, uncounted: 0, duration: scsiCommandDuration.series({ volume, op }) };
+      commandSeries.set(key, c);
+    }
+    return c;
+  };
+  const scsiCommandDuration = new LatencyHistogram({
     name: 'detour_scsi_command_duration_seconds',
     help: 'Time from a SCSI command reaching detour to its response leaving detour',
     labelNames: ['volume', 'op'] as const,
@@ -276,6 +296,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     },
     async removeVolume(volume) {
       watched.delete(volume);
+      for (const [key, c] of commandSeries) if (c.volume === volume) commandSeries.delete(key);
+      seriesByCode.delete(volume);
       const all: LabelledMetric[] = [
         sessions,
         scsiCommands,
@@ -297,17 +319,18 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       for (const metric of all) await removeSeriesOf(metric, volume);
     },
     observeCommand(volume, op, status, seconds) {
-      const opName = typeof op === 'string' ? op : scsiOpName(op);
-      const statusName = typeof status === 'string' ? status : scsiStatusName(status);
-      // Once per command on the data path: the labelled children are looked up once per
-      // combination, not hashed from their label objects every time.
-      const key = `${volume}\0${opName}\0${statusName}`;
-      let c = commandSeries.get(key);
-      if (!c) {
-        c = { count: scsiCommands.labels({ volume, op: opName, status: statusName }), duration: scsiCommandDuration.labels({ volume, op: opName }) };
-        commandSeries.set(key, c);
+      let c: CommandSeries | undefined;
+      if (typeof op !== 'string' && typeof status === 'number' && op.length > 0 && NO_SERVICE_ACTION[op[0]!] === 1) {
+        // READ and WRITE: the series is found by opcode and status byte, without naming them.
+        let byCode = seriesByCode.get(volume);
+        if (!byCode) seriesByCode.set(volume, (byCode = new Map()));
+        const code = (op[0]! << 8) | status;
+        c = byCode.get(code);
+        if (!c) byCode.set(code, (c = commandSeriesOf(volume, scsiOpName(op), scsiStatusName(status))));
+      } else {
+        c = commandSeriesOf(volume, typeof op === 'string' ? op : scsiOpName(op), typeof status === 'string' ? status : scsiStatusName(status));
       }
-      c.count.inc();
+      c.uncounted++;
       if (Number.isFinite(seconds) && seconds >= 0) c.duration.observe(seconds);
     },
     setSessions,
@@ -420,6 +443,21 @@ export function instrumentRedirects(m: DetourMetrics, v: RedirectingVolume, deto
       },
     },
   );
+}
+
+/** Opcodes named by their first byte alone (no service action): the data path's READs and WRITEs. */
+const NO_SERVICE_ACTION = (() => {
+  const t = new Uint8Array(256);
+  for (const op of [0x08, 0x0a, 0x28, 0x2a, 0xa8, 0xaa, 0x88, 0x8a, 0x2e, 0x8e, 0x89, 0x8b, 0x35, 0x91, 0x00]) t[op] = 1;
+  return t;
+})();
+
+interface CommandSeries {
+  volume: string;
+  labels: { volume: string; op: string; status: string };
+  /** Completed since the counter last collected. */
+  uncounted: number;
+  duration: HistogramSeries<'volume' | 'op'>;
 }
 
 interface LabelledMetric {
