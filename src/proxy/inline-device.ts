@@ -69,6 +69,12 @@ function bindAbort(task: ScsiTask, s: InitiatorSession, itt: number): void {
 
 export class InlineDevice implements ScsiTargetDevice {
   private readonly backends = new Map<string, InitiatorSession>();
+  /**
+   * backends by the front session's nexus object, which stays the same for the session's life:
+   * looking the string key up hashed a new string of about 60 characters for every command.
+   * Replaced whenever backends changes, so it never holds a session backends no longer has.
+   */
+  private byNexus = new WeakMap<ItNexus, InitiatorSession>();
   /** Unit attentions main reported to detour's own commands on an initiator's nexus, per nexus. */
   private readonly deferredUa = new Map<string, Array<{ lun: number; sense: Buffer }>>();
 
@@ -76,6 +82,20 @@ export class InlineDevice implements ScsiTargetDevice {
 
   private key(n: ItNexus): string {
     return `${n.initiatorPort}/${n.tsih}`;
+  }
+
+  private forget(nexus: ItNexus): void {
+    this.backends.delete(this.key(nexus));
+    this.byNexus = new WeakMap();
+  }
+
+  private backendOf(nexus: ItNexus): InitiatorSession | undefined {
+    let s = this.byNexus.get(nexus);
+    if (s === undefined) {
+      s = this.backends.get(this.key(nexus));
+      if (s !== undefined) this.byNexus.set(nexus, s);
+    }
+    return s;
   }
 
   get sessionCount(): number {
@@ -97,9 +117,10 @@ export class InlineDevice implements ScsiTargetDevice {
         ...this.opts.backend,
       });
       s.on('close', () => {
-        if (this.backends.get(this.key(nexus)) === s) this.backends.delete(this.key(nexus));
+        if (this.backends.get(this.key(nexus)) === s) this.forget(nexus);
       });
       this.backends.set(this.key(nexus), s);
+      this.byNexus = new WeakMap();
       log.info({ main: this.opts.main }, 'backend session open');
     } catch (err) {
       if (err instanceof LoginError) throw new BackendRefused(err.status, `main target refused the login: ${err.message}`);
@@ -111,7 +132,7 @@ export class InlineDevice implements ScsiTargetDevice {
     this.deferredUa.delete(this.key(nexus));
     const s = this.backends.get(this.key(nexus));
     if (!s) return;
-    this.backends.delete(this.key(nexus));
+    this.forget(nexus);
     try {
       await s.logout();
     } catch {
@@ -121,7 +142,7 @@ export class InlineDevice implements ScsiTargetDevice {
 
   // Not an async function: on the data path every command costs one promise less this way.
   execute(task: ScsiTask): Promise<ScsiOutcome> {
-    const s = this.backends.get(this.key(task.nexus));
+    const s = this.backendOf(task.nexus);
     if (!s) {
       return Promise.resolve({ status: CHECK_CONDITION, sense: buildSense({ key: SenseKey.NOT_READY, ...Asc.LOGICAL_UNIT_COMMUNICATION_FAILURE }) });
     }
@@ -208,6 +229,7 @@ export class InlineDevice implements ScsiTargetDevice {
   async close(): Promise<void> {
     await Promise.allSettled([...this.backends.values()].map((s) => s.logout()));
     this.backends.clear();
+    this.byNexus = new WeakMap();
   }
 }
 
