@@ -58,6 +58,7 @@ import { freePort, waitForPort } from '../test/helpers/ports.ts';
 import { Tgtd, type TgtTarget } from '../test/helpers/tgtd.ts';
 import {
   BLOCK_SIZE,
+  cpuTimes,
   DetourServer,
   interrupt,
   iscsiPerf,
@@ -68,6 +69,8 @@ import {
   qemuImgBench,
   QUEUE_DEPTH,
   readCapacity,
+  stealNote,
+  stealWarning,
   stopProcess,
   summarizeProfile,
   vmHwmBytes,
@@ -517,6 +520,7 @@ async function captureSection(ctx: Context): Promise<void> {
         // Alternate which path goes first, so slow drift does not always fall on the same side.
         const order: PathId[] = rep % 2 === 0 ? ['direct', 'detour'] : ['detour', 'direct'];
         const line: string[] = [];
+        const cpuAtStart = cpuTimes();
         for (const p of order) {
           checkInterrupted();
           try {
@@ -529,7 +533,7 @@ async function captureSection(ctx: Context): Promise<void> {
             line.push(`${p} FAILED`);
           }
         }
-        console.log(`  rep ${rep + 1}/${opts.reps} ${pad(load.id, 9)} ${load.metric}: ${line.join(', ')}`);
+        console.log(`  rep ${rep + 1}/${opts.reps} ${pad(load.id, 9)} ${load.metric}: ${line.join(', ')}${stealNote(cpuAtStart)}`);
       }
     }
     const end = await d.backup(backupId);
@@ -561,6 +565,7 @@ async function copySection(ctx: Context, d: Detour): Promise<void> {
   for (let rep = 0; rep < opts.reps; rep++) {
     const order: PathId[] = rep % 2 === 0 ? ['detour', 'direct'] : ['direct', 'detour'];
     const line: string[] = [];
+    const cpuAtStart = cpuTimes();
     for (const p of order) {
       checkInterrupted();
       try {
@@ -581,7 +586,7 @@ async function copySection(ctx: Context, d: Detour): Promise<void> {
         line.push(`${p} FAILED`);
       }
     }
-    console.log(`  rep ${rep + 1}/${opts.reps} copy      MB/s: ${line.join(', ')}`);
+    console.log(`  rep ${rep + 1}/${opts.reps} copy      MB/s: ${line.join(', ')}${stealNote(cpuAtStart)}`);
   }
 }
 
@@ -920,7 +925,7 @@ function report(opts: Options, results: Results, profiled: Map<number, string>):
   const failed = verdicts.filter((v) => !v.ok).map((v) => `${v.name} ${v.text}`);
   console.log(
     `\nSUMMARY: ${met} of ${verdicts.length} goals met${failed.length ? `; FAIL: ${failed.join(', ')}` : ' (all PASS)'}` +
-      `${results.probeErrors.length ? `; ${results.probeErrors.length} probe I/O error(s)` : ''}${results.errors.length ? `; ${results.errors.length} measurement(s) FAILED` : ''}`,
+      `${results.probeErrors.length ? `; ${results.probeErrors.length} probe I/O error(s)` : ''}${results.errors.length ? `; ${results.errors.length} measurement(s) FAILED` : ''}${stealWarning()}`,
   );
 }
 

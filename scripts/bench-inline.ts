@@ -31,6 +31,7 @@ import { freePort } from '../test/helpers/ports.ts';
 import { Tgtd } from '../test/helpers/tgtd.ts';
 import {
   BLOCK_SIZE,
+  cpuTimes,
   DetourServer,
   interrupt,
   iscsiPerf,
@@ -41,6 +42,8 @@ import {
   qemuImgBench,
   QUEUE_DEPTH,
   runTool,
+  stealNote,
+  stealWarning,
   summarizeProfile,
   vmHwmBytes,
   type Sample,
@@ -310,6 +313,7 @@ async function main(): Promise<number> {
         // always fall on the same side.
         const order = PATHS.map((_, i) => PATHS[(i + rep) % PATHS.length]!);
         const line: string[] = [];
+        const cpuAtStart = cpuTimes();
         for (const p of order) {
           if (interrupt.signal.aborted) throw new Error('interrupted');
           const key = `${load.id}/${p.id}`;
@@ -324,7 +328,7 @@ async function main(): Promise<number> {
             line.push(`${p.label} FAILED`);
           }
         }
-        console.log(`  rep ${rep + 1}/${opts.reps} ${pad(load.id, 10)} ${load.metric}: ${line.join(', ')}`);
+        console.log(`  rep ${rep + 1}/${opts.reps} ${pad(load.id, 10)} ${load.metric}: ${line.join(', ')}${stealNote(cpuAtStart)}`);
       }
     }
   } catch (err) {
@@ -413,7 +417,7 @@ async function main(): Promise<number> {
   if (peakRss.length) console.log(`\npeak RSS (VmHWM) during the run: ${peakRss.join(', ')}`);
   const met = verdicts.filter((v) => v.ok).length;
   const below = verdicts.filter((v) => !v.ok).map((v) => `${v.name} ${Number.isNaN(v.ratio) ? 'n/a' : (100 * v.ratio).toFixed(1) + '%'} < ${Math.round(v.goal * 100)}%`);
-  console.log(`\nSUMMARY: ${met} of ${verdicts.length} goals met${below.length ? `; BELOW: ${below.join(', ')}` : ' (all PASS)'}${errors.length ? `; ${errors.length} measurement(s) FAILED` : ''}`);
+  console.log(`\nSUMMARY: ${met} of ${verdicts.length} goals met${below.length ? `; BELOW: ${below.join(', ')}` : ' (all PASS)'}${errors.length ? `; ${errors.length} measurement(s) FAILED` : ''}${stealWarning()}`);
   return errors.length ? 1 : 0;
 }
 

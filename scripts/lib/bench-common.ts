@@ -157,6 +157,43 @@ export async function readCapacity(url: string): Promise<{ blockSize: number; by
 // ------------------------------------------------------------------------------------------------
 // Figures
 
+/** The host's CPU time counters (USER_HZ ticks, all CPUs), from the first line of /proc/stat. */
+export interface CpuTimes {
+  total: number;
+  steal: number;
+}
+
+export function cpuTimes(): CpuTimes {
+  try {
+    const fields = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
+    return { total: fields.reduce((a, b) => a + b, 0), steal: fields[7] ?? 0 };
+  } catch {
+    return { total: 0, steal: 0 };
+  }
+}
+
+/**
+ * The share of CPU time the hypervisor gave to other guests between two readings. On a shared
+ * host this is what makes the same figure move from run to run: a rep with a few percent of steal
+ * compares two paths that did not get the same machine.
+ */
+export function stealNote(from: CpuTimes, to: CpuTimes = cpuTimes()): string {
+  const total = to.total - from.total;
+  if (!(total > 0)) return '';
+  const pct = (100 * (to.steal - from.steal)) / total;
+  worstSteal = Math.max(worstSteal, pct);
+  return ` (host steal ${pct.toFixed(1)}%)`;
+}
+
+let worstSteal = 0;
+
+/** For the summary: a warning when some rep had more than 5% steal, else nothing. */
+export function stealWarning(): string {
+  return worstSteal > 5
+    ? `\nWARNING: the hypervisor took up to ${worstSteal.toFixed(0)}% of the CPU time during a rep; figures from such reps say more about the host than about detour. Run again when it is quiet.`
+    : '';
+}
+
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
