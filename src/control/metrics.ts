@@ -262,8 +262,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     journalUnreflected.set({ volume }, level(j.unreflected));
   };
 
-  return {
-    registry,
+  // Every metric labelled by volume: removeVolume() goes through them all.
+  const byVolume = {
     sessions,
     scsiCommands,
     scsiCommandDuration,
@@ -279,6 +279,11 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     loginRedirects,
     backupProgress,
     writeLimit,
+  };
+
+  return {
+    registry,
+    ...byVolume,
 
     addVolume(volume) {
       setSessions(volume, {});
@@ -298,25 +303,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       watched.delete(volume);
       for (const [key, c] of commandSeries) if (c.volume === volume) commandSeries.delete(key);
       seriesByCode.delete(volume);
-      const all: LabelledMetric[] = [
-        sessions,
-        scsiCommands,
-        scsiCommandDuration,
-        backupPhase,
-        backupBytesCopied,
-        backupBytesTotal,
-        journalRecords,
-        journalBytes,
-        journalUnreflected,
-        drainBytes,
-        cutoverPause,
-        lastBackupSuccess,
-        loginRedirects,
-        backupProgress,
-        writeLimit,
-      ];
       // prom-client's remove() takes a full label set, so go through the series that exist.
-      for (const metric of all) await removeSeriesOf(metric, volume);
+      for (const metric of Object.values(byVolume) as LabelledMetric[]) await removeSeriesOf(metric, volume);
     },
     observeCommand(volume, op, status, seconds) {
       let c: CommandSeries | undefined;
