@@ -54,7 +54,8 @@ import path from 'node:path';
 import type { BackupObject, VolumeView } from '../src/control/model.ts';
 import { parseSizeValue } from '../src/control/config.ts';
 import { parseTgtConnections } from '../src/switch/main-control.ts';
-import { freePort, waitForPort } from '../test/helpers/ports.ts';
+import { waitForPort } from '../test/helpers/ports.ts';
+import { writeDetourConfig } from '../test/helpers/detour-config.ts';
 import { Tgtd, type TgtTarget } from '../test/helpers/tgtd.ts';
 import {
   BLOCK_SIZE,
@@ -288,25 +289,14 @@ async function startDetour(
   nodeArgs: string[],
   started: Started,
 ): Promise<Detour> {
-  const portalPort = await freePort(DETOUR_HOST);
-  const apiPort = await freePort(MAIN_HOST);
-  const config = path.join(work, `detour-${tag}.yaml`);
-  fs.writeFileSync(
-    config,
-    [
-      `portal: ${DETOUR_HOST}:${portalPort}`,
-      `api: ${MAIN_HOST}:${apiPort}`,
-      `dataDir: ${path.join(work, `data-${tag}`)}`,
-      'volumes:',
-      `  - name: ${VOLUME}`,
-      `    target: ${vol.iqn}`,
-      `    main: ${tgtd.portal}`,
-      '    topology: proxy-directed',
-      `    control: { type: tgt, tid: ${vol.tid}, controlPort: ${tgtd.controlPort} }`,
-      '    ioTimeoutBudget: 5s',
-      ...(vol.copyRateLimit ? [`    copyRateLimit: ${vol.copyRateLimit}`] : []),
-      '',
-    ].join('\n'),
+  const { file: config, portalPort, apiPort } = await writeDetourConfig(
+    work,
+    {
+      name: VOLUME, target: vol.iqn, main: tgtd.portal, topology: 'proxy-directed',
+      tgt: { tid: vol.tid, controlPort: tgtd.controlPort },
+      keys: { ioTimeoutBudget: '5s', ...(vol.copyRateLimit ? { copyRateLimit: vol.copyRateLimit } : {}) },
+    },
+    { fileName: `detour-${tag}.yaml`, dataDir: path.join(work, `data-${tag}`), portalHost: DETOUR_HOST, apiHost: MAIN_HOST },
   );
   // The figures are read from its JSON log lines at level info, whatever the caller's environment says.
   const server = await DetourServer.start(nodeArgs, ['serve', '--config', config], { host: DETOUR_HOST, port: portalPort }, { DETOUR_LOG_FORMAT: 'json', DETOUR_LOG_LEVEL: 'info' });

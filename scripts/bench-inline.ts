@@ -28,6 +28,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { freePort } from '../test/helpers/ports.ts';
+import { writeDetourConfig } from '../test/helpers/detour-config.ts';
 import { Tgtd } from '../test/helpers/tgtd.ts';
 import {
   BLOCK_SIZE,
@@ -211,22 +212,7 @@ async function setUp(work: string, opts: Options, started: Started): Promise<Ben
     nodeArgs.push('--cpu-prof', `--cpu-prof-dir=${opts.cpuProfDir}`);
   }
 
-  const proxyPort = await freePort('127.0.0.2');
-  const config = path.join(work, 'detour.yaml');
-  fs.writeFileSync(
-    config,
-    [
-      `portal: 127.0.0.2:${proxyPort}`,
-      `api: 127.0.0.1:${await freePort()}`,
-      `dataDir: ${path.join(work, 'data')}`,
-      'volumes:',
-      '  - name: bench',
-      `    target: ${MAIN_IQN}`,
-      `    main: ${tgtd.portal}`,
-      '    topology: inline',
-      '',
-    ].join('\n'),
-  );
+  const { file: config, portalPort: proxyPort } = await writeDetourConfig(work, { name: 'bench', target: MAIN_IQN, main: tgtd.portal, topology: 'inline' });
   const proxy = await DetourServer.start(nodeArgs, ['serve', '--config', config], { host: '127.0.0.2', port: proxyPort });
   started.proxy = proxy;
 

@@ -31,6 +31,7 @@ import { InitiatorSession } from '../src/back/index.ts';
 import { DEFAULT_LIMITS } from '../src/front/types.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { freePort } from './helpers/ports.ts';
+import { writeDetourConfig } from './helpers/detour-config.ts';
 import { RawIscsiClient, randomIsid, seededBytes, type RawLoginResult } from './helpers/raw-iscsi.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
@@ -215,22 +216,7 @@ function loginRequestBytes(c: RawIscsiClient, o: { continue: boolean; data: stri
 
 beforeAll(async () => {
   tgtd = await Tgtd.start({ targets: [{ tid: 1, iqn: MAIN_IQN, luns: [{ lun: 1, file: path.join(work, 'main.img'), size: IMAGE_SIZE }] }] });
-  const proxyPort = await freePort('127.0.0.2');
-  const config = path.join(work, 'detour.yaml');
-  fs.writeFileSync(
-    config,
-    [
-      `portal: 127.0.0.2:${proxyPort}`,
-      `api: 127.0.0.1:${await freePort()}`,
-      `dataDir: ${path.join(work, 'data')}`,
-      'volumes:',
-      '  - name: vol1',
-      `    target: ${MAIN_IQN}`,
-      `    main: ${tgtd.portal}`,
-      '    topology: inline',
-      '',
-    ].join('\n'),
-  );
+  const { file: config, portalPort: proxyPort } = await writeDetourConfig(work, { name: 'vol1', target: MAIN_IQN, main: tgtd.portal, topology: 'inline' });
   const embeddedPort = await freePort();
   const [proxy, embedded] = await Promise.all([
     DetourProcess.start(['serve', '--config', config], { host: '127.0.0.2', port: proxyPort }),

@@ -18,7 +18,7 @@ import { SnapshotMap } from '../src/capture/snapshot-map.ts';
 import type { BackupObject } from '../src/control/model.ts';
 import type { ScsiOutcome, ScsiTask } from '../src/scsi/task.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
-import { freePort } from './helpers/ports.ts';
+import { writeDetourConfig } from './helpers/detour-config.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 import { regressions, runIscsiTestCu, type ConformanceRun } from './helpers/cunit.ts';
 
@@ -50,27 +50,14 @@ beforeAll(async () => {
       { tid: 2, iqn: MAIN_IQN, luns: [{ lun: 1, file: mainFile }] },
     ],
   });
-  portalPort = await freePort('127.0.0.2');
-  const apiPort = await freePort();
-  api = `http://127.0.0.1:${apiPort}`;
-  const config = path.join(work, 'detour.yaml');
-  fs.writeFileSync(
-    config,
-    [
-      `portal: 127.0.0.2:${portalPort}`,
-      `api: 127.0.0.1:${apiPort}`,
-      `dataDir: ${path.join(work, 'data')}`,
-      'volumes:',
-      '  - name: vol1',
-      `    target: ${MAIN_IQN}`,
-      `    main: ${tgtd.portal}`,
-      '    topology: proxy-directed',
-      `    control: { type: tgt, tid: 2, controlPort: ${tgtd.controlPort} }`,
-      // 64 MiB at 8 KiB/s: the copy takes hours, far longer than the suite.
-      '    copyRateLimit: 8K',
-      '',
-    ].join('\n'),
-  );
+  // 64 MiB at 8 KiB/s: the copy takes hours, far longer than the suite.
+  const cfg = await writeDetourConfig(work, {
+    name: 'vol1', target: MAIN_IQN, main: tgtd.portal, topology: 'proxy-directed',
+    tgt: { tid: 2, controlPort: tgtd.controlPort }, keys: { copyRateLimit: '8K' },
+  });
+  const config = cfg.file;
+  portalPort = cfg.portalPort;
+  api = cfg.api;
   detour = await DetourProcess.start(['serve', '--config', config], { host: '127.0.0.2', port: portalPort });
 }, 60_000);
 

@@ -18,6 +18,7 @@ import { validateConfig } from '../src/control/config.ts';
 import { startProxy } from '../src/control/serve.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { freePort } from './helpers/ports.ts';
+import { writeDetourConfig } from './helpers/detour-config.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
 const run = promisify(execFile);
@@ -203,29 +204,12 @@ for (const { topology, signal } of CASES) describe(`backup across a restart of d
     const tgtd = await Tgtd.start({ targets: [{ tid: 1, iqn: IQN, luns: [{ lun: 1, file: lunFile }] }] });
     stops.push(() => tgtd.stop());
 
-    const port = await freePort('127.0.0.2');
-    const apiPort = await freePort('127.0.0.1');
-    const apiBase = `http://127.0.0.1:${apiPort}`;
-    const dataDir = path.join(work, 'data');
-    const configFile = path.join(work, 'detour.yaml');
-    fs.writeFileSync(
-      configFile,
-      [
-        `portal: 127.0.0.2:${port}`,
-        `api: 127.0.0.1:${apiPort}`,
-        `dataDir: ${dataDir}`,
-        'volumes:',
-        '  - name: vol1',
-        `    target: ${IQN}`,
-        `    main: ${tgtd.portal}`,
-        `    topology: ${topology}`,
-        `    control: { type: tgt, tid: 1, controlPort: ${tgtd.controlPort} }`,
-        '    ioTimeoutBudget: 5s',
-        '    copyRateLimit: 12M',
-        '    journalCapacity: 1G',
-        '',
-      ].join('\n'),
-    );
+    const cfg = await writeDetourConfig(work, {
+      name: 'vol1', target: IQN, main: tgtd.portal, topology,
+      tgt: { tid: 1, controlPort: tgtd.controlPort },
+      keys: { ioTimeoutBudget: '5s', copyRateLimit: '12M', journalCapacity: '1G' },
+    });
+    const { file: configFile, portalPort: port, apiPort, api: apiBase, dataDir } = cfg;
     const serve = () => DetourProcess.start(['serve', '--config', configFile], { host: '127.0.0.1', port: apiPort });
     let detour = await serve();
     let detourLogs = () => detour.output;

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { freePort } from './helpers/ports.ts';
+import { writeDetourConfig } from './helpers/detour-config.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 import { regressions, runIscsiTestCu, type ConformanceRun } from './helpers/cunit.ts';
 
@@ -25,22 +26,9 @@ let direct: ConformanceRun | undefined;
 beforeAll(async () => {
   tgtd = await Tgtd.start({ targets: [{ tid: 1, iqn: MAIN_IQN, luns: [{ lun: 1, file: path.join(work, 'main.img'), size: 64 << 20 }] }] });
   // detour on 127.0.0.2, as it runs beside a real main target.
-  proxyPort = await freePort('127.0.0.2');
-  const config = path.join(work, 'detour.yaml');
-  fs.writeFileSync(
-    config,
-    [
-      `portal: 127.0.0.2:${proxyPort}`,
-      `api: 127.0.0.1:${await freePort()}`,
-      `dataDir: ${path.join(work, 'data')}`,
-      'volumes:',
-      '  - name: vol1',
-      `    target: ${MAIN_IQN}`,
-      `    main: ${tgtd.portal}`,
-      '    topology: inline',
-      '',
-    ].join('\n'),
-  );
+  const cfg = await writeDetourConfig(work, { name: 'vol1', target: MAIN_IQN, main: tgtd.portal, topology: 'inline' });
+  const config = cfg.file;
+  proxyPort = cfg.portalPort;
   proxy = await DetourProcess.start(['serve', '--config', config], { host: '127.0.0.2', port: proxyPort });
   embeddedPort = await freePort();
   embedded = await DetourProcess.start(

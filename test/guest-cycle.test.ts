@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DetourProcess } from './helpers/detour-process.ts';
-import { freePort } from './helpers/ports.ts';
+import { writeDetourConfig } from './helpers/detour-config.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
@@ -41,24 +41,8 @@ for (const topology of ['proxy-directed', 'main-directed'] as const) {
       dirs.push(work);
       const lun = path.join(work, 'main.img');
       tgtd = await Tgtd.start({ targets: [{ tid: 1, iqn: IQN, luns: [{ lun: 1, file: lun, size: 256 << 20 }] }] });
-      const port = await freePort('127.0.0.2');
-      const apiPort = await freePort();
-      const config = path.join(work, 'detour.yaml');
-      fs.writeFileSync(
-        config,
-        [
-          `portal: 127.0.0.2:${port}`,
-          `api: 127.0.0.1:${apiPort}`,
-          `dataDir: ${path.join(work, 'data')}`,
-          'volumes:',
-          '  - name: vol1',
-          `    target: ${IQN}`,
-          `    main: ${tgtd.portal}`,
-          `    topology: ${topology}`,
-          `    control: { type: tgt, tid: 1, controlPort: ${tgtd.controlPort} }`,
-          '',
-        ].join('\n'),
-      );
+      const cfg = await writeDetourConfig(work, { name: 'vol1', target: IQN, main: tgtd.portal, topology, tgt: { tid: 1, controlPort: tgtd.controlPort } });
+      const { file: config, portalPort: port, apiPort } = cfg;
       detour = await DetourProcess.start(['serve', '--config', config], { host: '127.0.0.2', port });
       const detourPortal = `127.0.0.2:${port}`;
       const persistent = topology === 'proxy-directed' ? detourPortal : tgtd.portal;
