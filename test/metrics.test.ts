@@ -168,6 +168,21 @@ describe('metrics', () => {
     expect(value(s, 'detour_scsi_command_duration_seconds_count', { volume: 'fresh', op: 'READ_10' })).toBe(1);
   });
 
+  it('scrape hooks run before the gauges are read; a failing hook does not fail the scrape', async () => {
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('v');
+    let depth = 0;
+    m.onScrape(() => {
+      throw new Error('the engine is gone');
+    });
+    m.onScrape(() => m.setJournal('v', { records: ++depth, bytes: 512 * depth, unreflected: depth }));
+    for (const want of [1, 2]) {
+      const s = parseExposition(await m.registry.metrics()).samples;
+      expect(value(s, 'detour_journal_records', { volume: 'v' })).toBe(want);
+      expect(value(s, 'detour_journal_bytes', { volume: 'v' })).toBe(512 * want);
+    }
+  });
+
   it('counts commands completed between scrapes once each, whatever the number of scrapes', async () => {
     const m = createMetrics({ defaultMetrics: false });
     const count = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_scsi_commands_total', { volume: 'v', op: 'READ_10', status: 'GOOD' });

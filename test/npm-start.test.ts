@@ -245,7 +245,7 @@ describe('npm start, as a new user runs it', () => {
         ] as const) {
           duringBackup.set(key, Math.max(duringBackup.get(key) ?? 0, sum(samples, name, labels)));
         }
-        await new Promise((r) => setTimeout(r, 700));
+        await new Promise((r) => setTimeout(r, 200));
       }
     })();
     const written: { offset: number; pattern: number }[] = [];

@@ -72,6 +72,8 @@ export interface DetourMetrics {
   watchRedirected(volume: string, count: () => Promise<number>, opts?: { maxAgeMs?: number; waitMs?: number; onError?: (err: unknown) => void }): void;
   /** One login answered with a redirect to the main target. */
   loginRedirected(volume: string): void;
+  /** Runs `hook` at every scrape, before the gauges are read: for values sampled, not pushed. */
+  onScrape(hook: () => void): void;
   /** The phase of the backup in progress, or undefined when the volume has none. */
   setPhase(volume: string, phase: BackupPhase | undefined): void;
   setBytesTotal(volume: string, bytes: number): void;
@@ -93,12 +95,23 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
   const registers = [registry];
 
   const watched = new Map<string, RedirectWatch>();
+  const scrapeHooks: Array<() => void> = [];
   const sessions: Gauge<'volume' | 'mode'> = new Gauge({
     name: 'detour_sessions',
     help: 'iSCSI sessions of the volume: redirected = its initiators on the main target after a redirect by detour; inline and capture = on detour',
     labelNames: ['volume', 'mode'] as const,
     registers,
-    collect: () => refreshRedirected(),
+    collect: () => {
+      // The first detour metric a scrape reads: the hooks bring every gauge up to date first.
+      for (const hook of scrapeHooks) {
+        try {
+          hook();
+        } catch {
+          // A scrape serves what it has; the hook's owner logs its own failures.
+        }
+      }
+      return refreshRedirected();
+    },
   });
   // Once per command on the data path: commands are counted in plain numbers and handed to the
   // counter when /metrics is scraped, because prom-client hashes the label set on every inc().
@@ -327,6 +340,9 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     },
     loginRedirected(volume) {
       loginRedirects.inc({ volume });
+    },
+    onScrape(hook) {
+      scrapeHooks.push(hook);
     },
     setPhase,
     setBytesTotal(volume, bytes) {

@@ -158,6 +158,8 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
   }
   for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
   for (const v of proxy.volumes.values()) instrumentRedirects(metrics, v, [DETOUR_INITIATOR, PROBE_INITIATOR], log);
+  // Journal depth and sessions as they are when /metrics is read, and once a second for the rest.
+  metrics.onScrape(() => updateGauges(proxy, metrics));
   const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
   gauges.unref();
   log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
