@@ -172,6 +172,9 @@ export function cpuTimes(): CpuTimes {
   }
 }
 
+/** The highest steal of any rep so far, for stealWarning(). */
+let worstSteal = 0;
+
 /**
  * The share of CPU time the hypervisor gave to other guests between two readings. On a shared
  * host this is what makes the same figure move from run to run: a rep with a few percent of steal
@@ -184,8 +187,6 @@ export function stealNote(from: CpuTimes, to: CpuTimes = cpuTimes()): string {
   worstSteal = Math.max(worstSteal, pct);
   return ` (host steal ${pct.toFixed(1)}%)`;
 }
-
-let worstSteal = 0;
 
 /** For the summary: a warning when some rep had more than 5% steal, else nothing. */
 export function stealWarning(): string {

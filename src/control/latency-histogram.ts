@@ -74,10 +74,6 @@ export class LatencyHistogram<L extends string> {
     return s;
   }
 
-  observe(labels: Labels<L>, value: number): void {
-    this.series(labels).observe(value);
-  }
-
   remove(labels: Labels<L>): void {
     this.bySeries.delete(this.key(labels));
   }

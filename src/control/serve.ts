@@ -88,14 +88,8 @@ export async function startProxy(config: DetourConfig, log: Logger, opts: { hook
 
 function metricsHooks(m: DetourMetrics): EngineHooks {
   return {
-    phase: (v, p) => {
-      m.setPhase(v, p);
-      // The journal is gone with the backup: say so now, not at the next gauge sample.
-      if (p === undefined || p === 'done') {
-        m.setJournal(v, { records: 0, bytes: 0, unreflected: 0 });
-        m.setWriteLimit(v, null);
-      }
-    },
+    // The journal and write-limit gauges follow the phase at the next scrape (updateGauges).
+    phase: (v, p) => m.setPhase(v, p),
     copied: (v, bytes, total) => {
       m.setBytesTotal(v, total);
       m.addCopied(v, bytes);
@@ -106,7 +100,10 @@ function metricsHooks(m: DetourMetrics): EngineHooks {
   };
 }
 
-/** Session and journal gauges, sampled: they change too often to update per command. */
+/**
+ * Session, journal, write-limit and progress gauges, sampled when /metrics is read: they change too
+ * often to update per command, and nothing reads them between scrapes.
+ */
 export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
   const running = new Map(proxy.engine.activeRuns().map((r) => [r.volume.name, r]));
   for (const v of proxy.volumes.values()) {
@@ -158,17 +155,13 @@ export async function startServer(config: DetourConfig, log: Logger): Promise<Ru
   }
   for (const v of proxy.volumes.values()) v.observer = (volume, task, outcome, seconds) => metrics.observeCommand(volume, task.cdb, outcome ? outcome.status : 'ERROR', seconds);
   for (const v of proxy.volumes.values()) instrumentRedirects(metrics, v, [DETOUR_INITIATOR, PROBE_INITIATOR], log);
-  // Journal depth and sessions as they are when /metrics is read, and once a second for the rest.
   metrics.onScrape(() => updateGauges(proxy, metrics));
-  const gauges = setInterval(() => updateGauges(proxy, metrics), 1000);
-  gauges.unref();
   log.info({ portal: proxy.portal.address, api: api.url, volumes: config.volumes.map((v) => ({ name: v.name, topology: v.topology })) }, 'detour serving');
   return {
     proxy,
     api,
     metrics,
     async close() {
-      clearInterval(gauges);
       proxy.portal.stopListening();
       await suspendRunningBackups(proxy);
       await api.close();

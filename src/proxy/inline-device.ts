@@ -52,13 +52,6 @@ class BackendRefused extends Error {
 }
 
 /**
- * The inline topology: every initiator session is mirrored by a backend session to the main
- * target under the same InitiatorName and ISID, so the main target sees the same I_T nexus (its
- * ACLs, reservations and unit attentions stay right), and every command is forwarded on it. The
- * device's identity is the main target's own, because INQUIRY, VPD and READ CAPACITY are
- * answered by the main target itself.
- */
-/**
  * Lets an abort of the front task reach the backend command once it has an ITT. A module function
  * bound per command rather than a closure: the TypeScript loader wraps each named closure it
  * creates in a property definition, which shows on the data path.
@@ -67,6 +60,13 @@ function bindAbort(task: ScsiTask, s: InitiatorSession, itt: number): void {
   task.onAbort = () => s.abortCommand(itt);
 }
 
+/**
+ * The inline topology: every initiator session is mirrored by a backend session to the main
+ * target under the same InitiatorName and ISID, so the main target sees the same I_T nexus (its
+ * ACLs, reservations and unit attentions stay right), and every command is forwarded on it. The
+ * device's identity is the main target's own, because INQUIRY, VPD and READ CAPACITY are
+ * answered by the main target itself.
+ */
 export class InlineDevice implements ScsiTargetDevice {
   private readonly backends = new Map<string, InitiatorSession>();
   /**
