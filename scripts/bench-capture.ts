@@ -12,7 +12,9 @@
 //
 //   npx tsx scripts/bench-capture.ts [--seconds 8] [--reps 3] [--size 1G] [--rss-sizes 1G,4G]
 //                                    [--sections capture,copy,cutover,rss] [--capture-rate BYTES]
-//                                    [--cpu-prof DIR] [--top 25]
+//                                    [--loads read-64k,write-64k,write-4k] [--cpu-prof DIR] [--top 25]
+//
+// --loads picks which of the three capture-section loads run (all by default), for profiling one.
 //
 // It is a report, not a gate: it exits 0 whether the goals are met or not, 1 only when the set-up
 // failed or a measurement could not be taken, 130 when interrupted (every process is stopped).
@@ -98,6 +100,7 @@ const GiB = 1 << 30;
 // Options
 
 const SECTIONS = ['capture', 'copy', 'cutover', 'rss'] as const;
+const CAPTURE_LOAD_IDS = ['read-64k', 'write-64k', 'write-4k'] as const;
 /** Shortest copy of a cutover-section backup (see main()). */
 const CUTOVER_MIN_COPY_S = 6;
 type Section = (typeof SECTIONS)[number];
@@ -109,13 +112,16 @@ interface Options {
   rssSizes: [number, number];
   sections: Set<Section>;
   captureRate: number | undefined;
+  /** Capture-section loads to run (ids of CAPTURE_LOADS). */
+  loads: Set<string>;
   cpuProfDir: string | undefined;
   top: number;
 }
 
 const USAGE =
   'usage: npx tsx scripts/bench-capture.ts [--seconds 8] [--reps 3] [--size 1G] [--rss-sizes 1G,4G]\n' +
-  '                                        [--sections capture,copy,cutover,rss] [--capture-rate BYTES] [--cpu-prof DIR] [--top 25]';
+  '                                        [--sections capture,copy,cutover,rss] [--loads read-64k,write-64k,write-4k]\n' +
+  '                                        [--capture-rate BYTES] [--cpu-prof DIR] [--top 25]';
 
 function size(text: string, what: string): number {
   const n = parseSizeValue(text);
@@ -124,7 +130,7 @@ function size(text: string, what: string): number {
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, cpuProfDir: undefined, top: 25 };
+  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, loads: new Set(CAPTURE_LOAD_IDS), cpuProfDir: undefined, top: 25 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = (): string => {
@@ -143,6 +149,10 @@ function parseOptions(argv: string[]): Options {
       const s = value().split(',').map((x) => x.trim()).filter(Boolean);
       for (const x of s) if (!(SECTIONS as readonly string[]).includes(x)) throw new Error(`unknown section ${x} (known: ${SECTIONS.join(', ')})`);
       o.sections = new Set(s as Section[]);
+    } else if (a === '--loads') {
+      const l = value().split(',').map((x) => x.trim()).filter(Boolean);
+      for (const x of l) if (!(CAPTURE_LOAD_IDS as readonly string[]).includes(x)) throw new Error(`unknown load ${x} (known: ${CAPTURE_LOAD_IDS.join(', ')})`);
+      o.loads = new Set(l);
     } else if (a === '--capture-rate') o.captureRate = size(value(), '--capture-rate');
     else if (a === '--cpu-prof') o.cpuProfDir = path.resolve(value());
     else if (a === '--top') o.top = Number(value());
@@ -453,7 +463,7 @@ function figureOf(metric: 'MB/s' | 'IOPS', s: Sample): number {
 
 /** A copy rate that keeps the backup copying through every measurement of the section, three times over. */
 function captureCopyRate(opts: Options): number {
-  const estimate = 20 + CAPTURE_LOADS.length * (2 * 6 + opts.reps * 2 * (opts.seconds + 4));
+  const estimate = 20 + opts.loads.size * (2 * 6 + opts.reps * 2 * (opts.seconds + 4));
   return opts.captureRate ?? Math.max(64 * 1024, Math.floor(opts.size / (3 * estimate)));
 }
 
@@ -501,7 +511,7 @@ async function captureSection(ctx: Context): Promise<void> {
       return res.sample;
     };
 
-    for (const load of CAPTURE_LOADS) {
+    for (const load of CAPTURE_LOADS.filter((l) => opts.loads.has(l.id))) {
       for (const p of ['direct', 'detour'] as const) {
         checkInterrupted();
         await runChecked(load, p, true);
@@ -852,7 +862,7 @@ function report(opts: Options, results: Results, profiled: Map<number, string>):
     { key: 'copy', title: `Copy throughput, no workload (vs iscsi-perf 64 KiB QD ${QUEUE_DEPTH} from tgtd)`, metric: 'MB/s', goal: 0.9, section: 'copy' },
   ];
   for (const r of ratioRows) {
-    if (!opts.sections.has(r.section)) continue;
+    if (!opts.sections.has(r.section) || (r.section === 'capture' && !opts.loads.has(r.key))) continue;
     const direct = med(`${r.key}/direct`);
     const detour = med(`${r.key}/detour`);
     const ratio = detour / direct;

@@ -1022,8 +1022,9 @@ export class InitiatorSession extends EventEmitter {
       cmdSN: t.cmdSN,
       expStatSN: this.expStatSN,
       cdb: t.cdb,
-      ...(immediateLen > 0 ? { data: out!.subarray(0, immediateLen) } : {}),
-      ...(bidi ? { bidiReadDataLength: t.dataInLength } : {}),
+      // Plain properties, not conditional spreads: this literal is built for every command.
+      data: immediateLen > 0 ? out!.subarray(0, immediateLen) : undefined,
+      bidiReadDataLength: bidi ? t.dataInLength : undefined,
     });
     if (moreUnsolicited) this.sendDataOut(conn, t, RESERVED_TAG, immediateLen, unsolicitedEnd - immediateLen);
   }

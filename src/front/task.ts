@@ -58,7 +58,6 @@ export class FrontTask implements ScsiTask {
   dataSN = 0;
   r2tSN = 0;
   done: Promise<void> = Promise.resolve();
-  elapsedNs = 0n;
 
   constructor(
     private readonly conn: FrontConnection,
