@@ -53,6 +53,7 @@ import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { Journal } from '../src/capture/journal.ts';
 import type { BackupObject, VolumeView } from '../src/control/model.ts';
 import { parseSizeValue } from '../src/control/config.ts';
 import { parseTgtConnections } from '../src/switch/main-control.ts';
@@ -389,6 +390,53 @@ function diskSyncCeiling(dir: string): { bytesPerSec: number; smallSyncsPerSec: 
 }
 
 
+interface JournalCeiling {
+  /** 64 KiB appends. */
+  bytesPerSec: number;
+  /** 4 KiB appends. */
+  smallPerSec: number;
+  /** Records per commit group, for each size. */
+  perGroup: [number, number];
+}
+
+/**
+ * detour's journal on its own, in this process, on the work directory's disk: QUEUE_DEPTH appenders,
+ * each appending again as soon as its record is durable, with no network, no initiator and no
+ * SCSI in the way. The most a capture write could reach here with a front end that cost nothing,
+ * and the batch size a commit group gets when every appender is always ready. Context for the
+ * write figures, not a goal.
+ */
+async function journalCeiling(dir: string, seconds: number): Promise<JournalCeiling> {
+  const one = async (bytes: number): Promise<{ perSec: number; perGroup: number }> => {
+    const jdir = fs.mkdtempSync(path.join(dir, 'journal-ceiling-'));
+    const journal = await Journal.open({ dir: jdir, blockSize: BLOCK_SIZE });
+    try {
+      const data = Buffer.allocUnsafe(bytes);
+      randomFillSync(data);
+      const end = nowMs() + seconds * 1000;
+      let appended = 0;
+      const appender = async (slot: number): Promise<void> => {
+        let lba = slot * (GiB / BLOCK_SIZE);
+        while (nowMs() < end) {
+          await journal.append({ lba, blocks: bytes / BLOCK_SIZE, data, borrow: true });
+          lba += bytes / BLOCK_SIZE;
+          appended++;
+        }
+      };
+      const t0 = nowMs();
+      await Promise.all(Array.from({ length: QUEUE_DEPTH }, (_, i) => appender(i)));
+      const elapsed = (nowMs() - t0) / 1000;
+      return { perSec: appended / elapsed, perGroup: journal.stats.appends / Math.max(1, journal.stats.batches) };
+    } finally {
+      await journal.close();
+      fs.rmSync(jdir, { recursive: true, force: true });
+    }
+  };
+  const large = await one(64 * 1024);
+  const small = await one(4096);
+  return { bytesPerSec: large.perSec * 64 * 1024, smallPerSec: small.perSec, perGroup: [large.perGroup, small.perGroup] };
+}
+
 // ------------------------------------------------------------------------------------------------
 // Results
 
@@ -403,6 +451,7 @@ interface Results {
   probeErrors: string[];
   errors: string[];
   disk?: { bytesPerSec: number; smallSyncsPerSec: number };
+  journal?: JournalCeiling;
 }
 
 function addSample(r: Results, key: string, v: number): void {
@@ -751,6 +800,14 @@ async function main(): Promise<number> {
     const disk = diskSyncCeiling(work);
     results.disk = disk;
     console.log(`  work directory's disk, write + fdatasync at QD 1: 2 MiB writes ${(disk.bytesPerSec / 1e6).toFixed(0)} MB/s, 4 KiB writes ${disk.smallSyncsPerSec.toFixed(0)}/s`);
+    if (opts.sections.has('capture')) {
+      const j = await journalCeiling(work, 3);
+      results.journal = j;
+      console.log(
+        `  detour's journal alone on that disk, QD ${QUEUE_DEPTH}, no network: 64 KiB appends ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s, ` +
+          `4 KiB appends ${j.smallPerSec.toFixed(0)}/s (${j.perGroup[0].toFixed(1)} and ${j.perGroup[1].toFixed(1)} records per commit group)`,
+      );
+    }
     const targets: TgtTarget[] = [];
     if (needMain) {
       const img = path.join(work, 'main.img');
@@ -894,6 +951,15 @@ function report(opts: Options, results: Results, profiled: Map<number, string>):
       `disk of the work directory (journal and backup store), write + fdatasync at QD 1: ${(results.disk.bytesPerSec / 1e6).toFixed(0)} MB/s in 2 MiB writes, ` +
         `${results.disk.smallSyncsPerSec.toFixed(0)} syncs/s in 4 KiB writes. detour acknowledges a write and counts a chunk as copied only once it is durable; ` +
         `tgtd acknowledges from the page cache and iscsi-perf discards what it reads.`,
+    );
+  }
+  if (results.journal && opts.sections.has('capture')) {
+    const j = results.journal;
+    const ref = (key: string) => med(`${key}/direct`);
+    console.log(
+      `detour's journal alone on that disk (QD ${QUEUE_DEPTH}, no network, every appender always ready): 64 KiB ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s = ` +
+        `${pct(j.bytesPerSec / 1e6 / ref('write-64k'))} of the direct write reference, 4 KiB ${j.smallPerSec.toFixed(0)}/s = ${pct(j.smallPerSec / ref('write-4k'))}; ` +
+        `${j.perGroup[0].toFixed(1)} and ${j.perGroup[1].toFixed(1)} records per commit group. A capture write cannot beat these here.`,
     );
   }
   if (results.cutovers.length) {
