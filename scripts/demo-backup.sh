@@ -205,7 +205,7 @@ head -c "$LUN_SIZE" /dev/urandom >"$LUN_FILE" || die "cannot write $LUN_FILE"
 # fio's regions are formatted as fio blocks first, so that a read-verify pass over them after the
 # backup can check every block, including those the random workload happens not to write.
 # Layout: 4 KiB jobs at 0-8 and 8-16 MiB, 64 KiB jobs at 32-48 and 48-64 MiB.
-fio --ioengine=psync --filename="$LUN_FILE" --rw=write --verify=crc32c --do_verify=0 \
+fio --ioengine=psync --filename="$LUN_FILE" --rw=write --verify=crc32c --do_verify=0 --verify_state_save=0 \
   --output="$WORK/fio-format.out" \
   --name=format4k --bs=4k --offset=0 --size=16M \
   --name=format64k --bs=64k --offset=32M --size=32M >/dev/null 2>&1 || die "fio could not format its regions: $(cat "$WORK/fio-format.out")"
