@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -453,6 +453,26 @@ describe('Journal segment files: direct (O_DIRECT|O_DSYNC) commit writes', () =>
     expect(bytes.subarray(1031, 1131).equals(pattern(2, 100))).toBe(true);
     expect(bytes.subarray(1131, 1167).equals(pattern(3, 36))).toBe(true);
     expect(bytes.subarray(2048, 2560).equals(pattern(4, 512))).toBe(true);
+  });
+
+  it('only the segment being appended to holds a second (direct) descriptor', async () => {
+    const dir = await tempDir();
+    const j = await openJournal(dir, { segmentBytes: 64 << 10, maxBatchBytes: 64 << 10 });
+    for (let i = 0; i < 12; i++) await j.append({ lba: i * 128, blocks: 120, data: pattern(i + 1, 120 * 512) });
+    const segments = await segmentFiles(dir);
+    expect(segments.length).toBeGreaterThanOrEqual(10);
+    const open: string[] = [];
+    for (const fd of await readdir('/proc/self/fd')) {
+      try {
+        const target = await readlink(path.join('/proc/self/fd', fd));
+        if (target.startsWith(dir + path.sep)) open.push(path.basename(target));
+      } catch {
+        // closed meanwhile (the readdir's own descriptor)
+      }
+    }
+    // One descriptor per live segment, and one more for the active segment.
+    expect(open.length).toBe(segments.length + 1);
+    await j.close();
   });
 
   it('reads through the buffered descriptor see what the direct descriptor wrote over them (no stale cached pages)', async () => {

@@ -224,6 +224,11 @@ export interface JournalFile {
    * write() and datasync().
    */
   writeDurable?(buffers: readonly Uint8Array[], position: number): Promise<void>;
+  /**
+   * The journal has moved on to a newer segment and writes no more here: what the file holds for
+   * writing only (a second descriptor) may go. Optional; reads go on as before.
+   */
+  writesDone?(): Promise<void>;
   /** Reads up to `buffer.length` bytes at `position`; returns how many (fewer only at end of file). */
   read(buffer: Uint8Array, position: number): Promise<number>;
   datasync(): Promise<void>;
@@ -392,12 +397,20 @@ function giveBackStaging(b: Buffer): void {
  * records are read).
  */
 class NodeJournalFile implements JournalFile {
+  /**
+   * The O_DIRECT descriptor: opened at the first durable write, closed when the journal moves on
+   * to the next segment (each live segment would otherwise hold two descriptors for the whole
+   * backup); `null` once the file system or the disk refused O_DIRECT.
+   */
+  private direct: FileHandle | null | undefined;
+
   constructor(
+    private readonly file: string,
     private readonly fh: FileHandle,
-    private direct: FileHandle | undefined,
   ) {}
 
   async writeDurable(buffers: readonly Uint8Array[], position: number): Promise<void> {
+    if (this.direct === undefined) this.direct = await openDirect(this.file);
     if (this.direct) {
       try {
         await this.writeDirect(this.direct, buffers, position);
@@ -407,11 +420,18 @@ class NodeJournalFile implements JournalFile {
         // Refused before anything was written, or after a part of it: the whole range is
         // written again below, the same bytes at the same places.
         const d = this.direct;
-        this.direct = undefined;
+        this.direct = null;
         await d.close().catch(() => {});
       }
     }
     await this.write(buffers, position);
+  }
+
+  async writesDone(): Promise<void> {
+    const d = this.direct;
+    if (!d) return;
+    this.direct = undefined;
+    await d.close();
   }
 
   /** The buffers, in staging-sized pieces, each copied into aligned memory and written O_DIRECT|O_DSYNC. */
@@ -486,7 +506,20 @@ class NodeJournalFile implements JournalFile {
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.fh.close(), this.direct?.close()]);
+    const d = this.direct;
+    this.direct = undefined;
+    await Promise.all([this.fh.close(), d?.close()]);
+  }
+}
+
+/** `file` opened O_WRONLY|O_DSYNC|O_DIRECT, or null where the file system has no O_DIRECT (tmpfs, some network file systems). */
+async function openDirect(file: string): Promise<FileHandle | null> {
+  if (O_DIRECT === undefined) return null;
+  try {
+    return await open(file, fsConstants.O_WRONLY | fsConstants.O_DSYNC | O_DIRECT);
+  } catch (err) {
+    if (isErrno(err, 'EINVAL')) return null;
+    throw err;
   }
 }
 
@@ -500,20 +533,7 @@ export const nodeJournalFs: JournalFileSystem = {
   },
   async openFile(file, mode) {
     const flags = fsConstants.O_RDWR | fsConstants.O_DSYNC | (mode === 'create' ? fsConstants.O_CREAT | fsConstants.O_EXCL : 0);
-    const fh = await open(file, flags, 0o644);
-    let direct: FileHandle | undefined;
-    if (O_DIRECT !== undefined) {
-      try {
-        direct = await open(file, fsConstants.O_WRONLY | fsConstants.O_DSYNC | O_DIRECT);
-      } catch (err) {
-        // No O_DIRECT here (tmpfs, some network file systems): the buffered descriptor does it all.
-        if (!isErrno(err, 'EINVAL')) {
-          await fh.close().catch(() => {});
-          throw err;
-        }
-      }
-    }
-    return new NodeJournalFile(fh, direct);
+    return new NodeJournalFile(file, await open(file, flags, 0o644));
   },
   async readFile(file) {
     try {
@@ -1096,7 +1116,12 @@ export class Journal extends EventEmitter<JournalEvents> {
     const file = await this.fs.openFile(path.join(this.dir, segmentName(id)), 'create');
     const seg: Segment = { id, file, size: 0, written: 0, lastSeq: 0, readers: 0, deleted: false };
     this.segments.set(id, seg);
+    // roll() runs with no group in flight: nothing is being written to the previous segment.
+    const previous = this.active;
     this.active = seg;
+    // Its writes were each durable when they returned: a failed close of the write descriptor
+    // changes nothing about them.
+    if (previous && !previous.deleted) await previous.file.writesDone?.().catch(() => {});
     // The file's name must be durable before any record in it is acknowledged.
     await this.fs.syncDir(this.dir);
     this.stats.fsyncs++;
