@@ -391,6 +391,11 @@ function giveBackStaging(b: Buffer): void {
  * refuses such a write (EINVAL: no O_DIRECT, or a logical block larger than 512 bytes) gets
  * O_DSYNC writes through the page cache from then on, which are just as durable.
  *
+ * The price: a record is not in the page cache after its write, so the first read of it (a READ
+ * of blocks written during the capture, the drain) goes to the disk. Measured at queue depth 1,
+ * that is 90-120 µs instead of 45-60 µs per record; the drain of a 1 GiB map took 3.9 s against
+ * 3.5 s.
+ *
  * Reads, truncation and the non-durable write() use the buffered descriptor. The kernel keeps the
  * two coherent: a direct write drops the cached pages of its range before and after it goes to
  * the disk, and the journal never reads a range that is still being written (only durable
