@@ -101,7 +101,6 @@ const GiB = 1 << 30;
 // Options
 
 const SECTIONS = ['capture', 'copy', 'cutover', 'rss'] as const;
-const CAPTURE_LOAD_IDS = ['read-64k', 'write-64k', 'write-4k'] as const;
 /** Shortest copy of a cutover-section backup (see main()). */
 const CUTOVER_MIN_COPY_S = 6;
 type Section = (typeof SECTIONS)[number];
@@ -131,7 +130,7 @@ function size(text: string, what: string): number {
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, loads: new Set(CAPTURE_LOAD_IDS), cpuProfDir: undefined, top: 25 };
+  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, loads: new Set(CAPTURE_LOADS.map((l) => l.id)), cpuProfDir: undefined, top: 25 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = (): string => {
@@ -152,7 +151,8 @@ function parseOptions(argv: string[]): Options {
       o.sections = new Set(s as Section[]);
     } else if (a === '--loads') {
       const l = value().split(',').map((x) => x.trim()).filter(Boolean);
-      for (const x of l) if (!(CAPTURE_LOAD_IDS as readonly string[]).includes(x)) throw new Error(`unknown load ${x} (known: ${CAPTURE_LOAD_IDS.join(', ')})`);
+      const known = CAPTURE_LOADS.map((c) => c.id);
+      for (const x of l) if (!known.includes(x)) throw new Error(`unknown load ${x} (known: ${known.join(', ')})`);
       o.loads = new Set(l);
     } else if (a === '--capture-rate') o.captureRate = size(value(), '--capture-rate');
     else if (a === '--cpu-prof') o.cpuProfDir = path.resolve(value());

@@ -38,8 +38,9 @@
 // Commit groups: a group is one positional write to a segment file opened O_DSYNC (and O_DIRECT
 // where the file system allows it, see NodeJournalFile), which returns once the bytes are durable,
 // as a write and an fdatasync would, in one system call: one round trip through the thread pool
-// instead of two, which on a busy machine is much of a group's latency. The records that arrive while a group is being written form the next group, which
-// starts the moment the previous one returns. One group at a time: with two under way, a group
+// instead of two, which on a busy machine is much of a group's latency. The records that arrive
+// while a group is being written form the next group, which starts the moment the previous one
+// returns. One group at a time: with two under way, a group
 // written while its predecessor was not yet durable would prove nothing about it, and damage to
 // acknowledged records could then pass for a torn tail; measured, a second group in flight did
 // not raise throughput either.
@@ -446,12 +447,7 @@ class NodeJournalFile implements JournalFile {
       let pos = position;
       let filled = 0;
       const flush = async (): Promise<void> => {
-        let done = 0;
-        while (done < filled) {
-          const { bytesWritten } = await fh.write(staging, done, filled - done, pos + done);
-          if (bytesWritten <= 0) throw new Error('write returned no progress');
-          done += bytesWritten;
-        }
+        await writevAll(fh, [staging.subarray(0, filled)], pos);
         pos += filled;
         filled = 0;
       };
@@ -471,21 +467,8 @@ class NodeJournalFile implements JournalFile {
     }
   }
 
-  async write(buffers: readonly Uint8Array[], position: number): Promise<void> {
-    let bufs = buffers.filter((b) => b.length > 0);
-    let pos = position;
-    while (bufs.length > 0) {
-      // IOV_MAX is 1024 on Linux; keep each writev within it.
-      const chunk = bufs.length > 1024 ? bufs.slice(0, 1024) : bufs;
-      const { bytesWritten } = await this.fh.writev(chunk as Uint8Array[], pos);
-      if (bytesWritten <= 0) throw new Error('write returned no progress');
-      pos += bytesWritten;
-      let n = bytesWritten;
-      let i = 0;
-      while (i < bufs.length && n >= bufs[i]!.length) n -= bufs[i++]!.length;
-      bufs = bufs.slice(i);
-      if (n > 0) bufs[0] = bufs[0]!.subarray(n);
-    }
+  write(buffers: readonly Uint8Array[], position: number): Promise<void> {
+    return writevAll(this.fh, buffers, position);
   }
 
   async read(buffer: Uint8Array, position: number): Promise<number> {
@@ -514,6 +497,24 @@ class NodeJournalFile implements JournalFile {
     const d = this.direct;
     this.direct = undefined;
     await Promise.all([this.fh.close(), d?.close()]);
+  }
+}
+
+/** Writes every byte of `buffers` contiguously at `position`, looping over short writes. */
+async function writevAll(fh: FileHandle, buffers: readonly Uint8Array[], position: number): Promise<void> {
+  let bufs = buffers.filter((b) => b.length > 0);
+  let pos = position;
+  while (bufs.length > 0) {
+    // IOV_MAX is 1024 on Linux; keep each writev within it.
+    const chunk = bufs.length > 1024 ? bufs.slice(0, 1024) : bufs;
+    const { bytesWritten } = await fh.writev(chunk as Uint8Array[], pos);
+    if (bytesWritten <= 0) throw new Error('write returned no progress');
+    pos += bytesWritten;
+    let n = bytesWritten;
+    let i = 0;
+    while (i < bufs.length && n >= bufs[i]!.length) n -= bufs[i++]!.length;
+    bufs = bufs.slice(i);
+    if (n > 0) bufs[0] = bufs[0]!.subarray(n);
   }
 }
 
@@ -1124,9 +1125,9 @@ export class Journal extends EventEmitter<JournalEvents> {
     // roll() runs with no group in flight: nothing is being written to the previous segment.
     const previous = this.active;
     this.active = seg;
-    // Its writes were each durable when they returned: a failed close of the write descriptor
-    // changes nothing about them.
-    if (previous && !previous.deleted) await previous.file.writesDone?.().catch(() => {});
+    // Not awaited, so the roll does not wait for it: the previous segment's writes were each
+    // durable when they returned, and a failed close of its write descriptor changes nothing.
+    if (previous && !previous.deleted) void previous.file.writesDone?.().catch(() => {});
     // The file's name must be durable before any record in it is acknowledged.
     await this.fs.syncDir(this.dir);
     this.stats.fsyncs++;
