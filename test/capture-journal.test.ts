@@ -342,6 +342,33 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
     await j2.close();
   });
 
+  it('reports each commit group to onCommit with its write time and record count; a throwing observer changes nothing', async () => {
+    const dir = await tempDir();
+    const commits: Array<[number, number]> = [];
+    const j = await openJournal(dir, { onCommit: (seconds, records) => commits.push([seconds, records]) });
+    await Promise.all(Array.from({ length: 32 }, (_, i) => j.append({ lba: i, blocks: 1, data: pattern(i + 1, 512) })));
+    await Promise.all(Array.from({ length: 3 }, (_, i) => j.append({ lba: 100 + i, blocks: 1, data: pattern(33 + i, 512) })));
+    expect(commits.map(([, n]) => n)).toEqual([32, 3]);
+    for (const [s] of commits) expect(s).toBeGreaterThan(0);
+    expect(commits.length).toBe(j.stats.batches);
+    await j.close();
+
+    const dir2 = await tempDir();
+    let calls = 0;
+    const j2 = await openJournal(dir2, {
+      onCommit: () => {
+        calls++;
+        throw new Error('observer bug');
+      },
+    });
+    const recs = await Promise.all(Array.from({ length: 4 }, (_, i) => j2.append({ lba: i, blocks: 1, data: pattern(i + 1, 512) })));
+    const more = await j2.append({ lba: 9, blocks: 1, data: pattern(5, 512) });
+    expect([...recs, more].map((r) => r.seq)).toEqual([1, 2, 3, 4, 5]);
+    expect(calls).toBe(2);
+    for (const r of [...recs, more]) expect((await j2.readData(r.location)).equals(pattern(r.seq, 512))).toBe(true);
+    await j2.close();
+  });
+
   it('acknowledges nothing before the durable write returns; what arrives meanwhile is the next group, written right after', async () => {
     const dir = await tempDir();
     const { fs, calls, control } = durableFs();

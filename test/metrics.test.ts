@@ -32,6 +32,8 @@ const CONTRACT_METRICS: [string, string, string[]][] = [
   ['detour_login_redirects_total', 'counter', ['volume']],
   ['detour_backup_progress_ratio', 'gauge', ['volume']],
   ['detour_write_limit_bytes_per_second', 'gauge', ['volume']],
+  ['detour_journal_commit_duration_seconds', 'histogram', ['volume']],
+  ['detour_journal_commit_records_total', 'counter', ['volume']],
 ];
 
 const READ_10 = Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
@@ -61,6 +63,8 @@ describe('metrics', () => {
     metrics.loginRedirected('vol1');
     metrics.setProgress('vol1', 8 << 20, 1 << 30);
     metrics.setWriteLimit('vol1', 1 << 20);
+    metrics.observeJournalCommit('vol1', 0.0004, 13);
+    metrics.observeJournalCommit('vol1', 0.002, 1);
     text = await metrics.registry.metrics();
     parsed = parseExposition(text);
   });
@@ -121,6 +125,26 @@ describe('metrics', () => {
     expect(value(s, 'detour_cutover_pause_seconds_count', { volume: 'vol1' })).toBe(1);
     expect(value(s, 'detour_cutover_pause_seconds_sum', { volume: 'vol1' })).toBeCloseTo(0.3, 9);
     expect(value(s, 'detour_last_backup_success_timestamp_seconds', { volume: 'vol1' })).toBe(Date.parse('2026-11-03T12:00:00Z') / 1000);
+  });
+
+  it('records each journal commit group: its write time in the histogram, its records in the counter', async () => {
+    const s = parsed.samples;
+    expect(value(s, 'detour_journal_commit_duration_seconds_count', { volume: 'vol1' })).toBe(2);
+    expect(value(s, 'detour_journal_commit_duration_seconds_sum', { volume: 'vol1' })).toBeCloseTo(0.0024, 9);
+    expect(value(s, 'detour_journal_commit_duration_seconds_bucket', { volume: 'vol1', le: '0.0005' })).toBe(1);
+    expect(value(s, 'detour_journal_commit_duration_seconds_bucket', { volume: 'vol1', le: '0.0025' })).toBe(2);
+    expect(value(s, 'detour_journal_commit_records_total', { volume: 'vol1' })).toBe(14);
+    // Counted once, however often /metrics is read; nonsense is ignored.
+    const m = createMetrics({ defaultMetrics: false });
+    m.addVolume('v');
+    m.observeJournalCommit('v', 0.001, 5);
+    m.observeJournalCommit('v', Number.NaN, -3);
+    const records = async () => value(parseExposition(await m.registry.metrics()).samples, 'detour_journal_commit_records_total', { volume: 'v' });
+    expect(await records()).toBe(5);
+    expect(await records()).toBe(5);
+    m.observeJournalCommit('v', 0.001, 2);
+    expect(await records()).toBe(7);
+    expect(value(parseExposition(await m.registry.metrics()).samples, 'detour_journal_commit_duration_seconds_count', { volume: 'v' })).toBe(2);
   });
 
   it('includes the default process metrics', () => {

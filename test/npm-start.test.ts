@@ -315,6 +315,23 @@ describe('npm start, as a new user runs it', () => {
     expect(drained).toBeGreaterThan(0);
     expect(drained % 512).toBe(0);
     expect(sum(samples, 'detour_cutover_pause_seconds_count', v)).toBe(2);
+    // The writes detour took during the second backup went through the journal, in commit groups of
+    // at least one record each, each group's write taking some time. Not every one: those that
+    // reached detour after the cutover opened its gate, before the initiator logged out, went
+    // straight to the main target (the workload is qemu-io WRITEs only, one record each).
+    const writesOnDetour = samples
+      .filter((s) => s.name === 'detour_scsi_commands_total' && s.labels.volume === 'vol1' && /^WRITE_/.test(s.labels.op!) && s.labels.status === 'GOOD')
+      .reduce((a, s) => a + s.value, 0);
+    const commits = sum(samples, 'detour_journal_commit_duration_seconds_count', v);
+    expect(types.get('detour_journal_commit_duration_seconds')).toBe('histogram');
+    expect(types.get('detour_journal_commit_records_total')).toBe('counter');
+    expect(writesOnDetour).toBeGreaterThan(0);
+    const journaled = sum(samples, 'detour_journal_commit_records_total', v);
+    expect(journaled).toBeGreaterThan(0);
+    expect(journaled).toBeLessThanOrEqual(writesOnDetour);
+    expect(commits).toBeGreaterThan(0);
+    expect(commits).toBeLessThanOrEqual(journaled);
+    expect(sum(samples, 'detour_journal_commit_duration_seconds_sum', v)).toBeGreaterThan(0);
     expect(sum(samples, 'detour_last_backup_success_timestamp_seconds', v)).toBeGreaterThan(startedAt);
     expect(sum(samples, 'detour_login_redirects_total', v)).toBeGreaterThanOrEqual(3);
     expect(sum(samples, 'detour_backup_progress_ratio', v)).toBe(1);

@@ -127,6 +127,8 @@ export interface BackupRunOptions {
     copied?(run: BackupRun, bytes: number): void;
     drained?(run: BackupRun, bytes: number): void;
     cutover?(run: BackupRun, pauseSeconds: number): void;
+    /** A commit group of the journal is durable: how long its write took, how many records. */
+    journalCommit?(run: BackupRun, seconds: number, records: number): void;
     finished?(run: BackupRun): void;
   };
 }
@@ -584,6 +586,7 @@ export class BackupRun {
       dir: journalDirFor(this.opts.dataDir, v.name, this.id),
       blockSize: this.blockSize,
       reflect: (rec) => map.insert(rec),
+      ...(this.opts.hooks?.journalCommit ? { onCommit: this.opts.hooks.journalCommit.bind(undefined, this) } : {}),
       ...(this.opts.journalCapacity !== undefined ? { capacityBytes: this.opts.journalCapacity } : {}),
     });
     const j = this.journal;

@@ -14,6 +14,7 @@ export interface EngineHooks {
   copied?(volume: string, bytes: number, total: number): void;
   drained?(volume: string, bytes: number): void;
   cutover?(volume: string, seconds: number): void;
+  journalCommit?(volume: string, seconds: number, records: number): void;
   succeeded?(volume: string, at: Date): void;
 }
 
@@ -97,6 +98,7 @@ export class Engine implements DetourEngine {
         copied: (r, b) => hooks?.copied?.(r.volume.name, b, r.bytesTotal),
         drained: (r, b) => hooks?.drained?.(r.volume.name, b),
         cutover: (r, s) => hooks?.cutover?.(r.volume.name, s),
+        journalCommit: (r, s, n) => hooks?.journalCommit?.(r.volume.name, s, n),
         finished: (r) => {
           if (this.active.get(volume) === r) this.active.delete(volume);
           if (o.resume && this.held.get(volume) === o.resume) this.held.delete(volume);

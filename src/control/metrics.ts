@@ -20,6 +20,12 @@ export const SCSI_LATENCY_BUCKETS = [
   0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 ];
 
+/**
+ * Durable journal writes: a fraction of a millisecond on a local SSD, tens of milliseconds on a
+ * struggling disk, and a write an initiator is waiting for all the while.
+ */
+export const JOURNAL_COMMIT_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+
 /** Cutover pauses are bounded by the volume's ioTimeoutBudget (5 s by default). */
 export const CUTOVER_PAUSE_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30];
 
@@ -45,6 +51,10 @@ export interface DetourMetrics {
   backupProgress: Gauge<VolumeLabel>;
   /** Admission limit on initiator writes while a drain does not converge, 0 = none (an addition). */
   writeLimit: Gauge<VolumeLabel>;
+  /** Duration of each commit group's durable write to the journal (an addition). */
+  journalCommitDuration: LatencyHistogram<VolumeLabel>;
+  /** Records those commit groups carried; divided by the histogram's count, records per group (an addition). */
+  journalCommitRecords: Counter<VolumeLabel>;
 
   /**
    * Publishes zero-valued series for a configured volume, so dashboards and rate() see the volume
@@ -84,6 +94,8 @@ export interface DetourMetrics {
   /** Bytes per second initiator writes are admitted at, or null when they are not held back. */
   setWriteLimit(volume: string, bytesPerSecond: number | null): void;
   addDrained(volume: string, bytes: number): void;
+  /** One commit group made durable by the volume's journal: its write time and its records. */
+  observeJournalCommit(volume: string, seconds: number, records: number): void;
   observeCutover(volume: string, seconds: number): void;
   /** A backup of the volume completed; `time` is when (Date or epoch milliseconds). */
   backupSucceeded(volume: string, time?: Date | number): void;
@@ -214,6 +226,35 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     registers,
   });
 
+  // Once per commit group, up to tens of thousands a second: kept in plain numbers per volume and
+  // handed to prom-client at scrape time, like the command counts.
+  const commitSeries = new Map<string, { duration: HistogramSeries<VolumeLabel>; uncounted: number }>();
+  const journalCommitDuration = new LatencyHistogram({
+    name: 'detour_journal_commit_duration_seconds',
+    help: 'Time each commit group of journal records took to become durable (one write to disk, O_DSYNC)',
+    labelNames: ['volume'] as const,
+    buckets: JOURNAL_COMMIT_BUCKETS,
+    registers,
+  });
+  const journalCommitRecords = new Counter({
+    name: 'detour_journal_commit_records_total',
+    help: 'Journal records made durable, counted by commit group (records per group = this / detour_journal_commit_duration_seconds_count)',
+    labelNames: ['volume'] as const,
+    registers,
+    collect() {
+      for (const [volume, c] of commitSeries) {
+        if (c.uncounted === 0) continue;
+        this.inc({ volume }, c.uncounted);
+        c.uncounted = 0;
+      }
+    },
+  });
+  const commitSeriesOf = (volume: string) => {
+    let c = commitSeries.get(volume);
+    if (!c) commitSeries.set(volume, (c = { duration: journalCommitDuration.series({ volume }), uncounted: 0 }));
+    return c;
+  };
+
   const backupProgress = new Gauge({
     name: 'detour_backup_progress_ratio',
     help: 'Share (0 to 1) of the volume copied by the backup in progress, or by the last one',
@@ -292,6 +333,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     loginRedirects,
     backupProgress,
     writeLimit,
+    journalCommitDuration,
+    journalCommitRecords,
   };
 
   return {
@@ -308,6 +351,8 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       loginRedirects.inc({ volume }, 0);
       backupProgress.set({ volume }, 0);
       writeLimit.set({ volume }, 0);
+      commitSeriesOf(volume);
+      journalCommitRecords.inc({ volume }, 0);
     },
     setWriteLimit(volume, bytesPerSecond) {
       writeLimit.set({ volume }, bytesPerSecond === null ? 0 : level(bytesPerSecond));
@@ -316,6 +361,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       watched.delete(volume);
       for (const [key, c] of commandSeries) if (c.volume === volume) commandSeries.delete(key);
       seriesByCode.delete(volume);
+      commitSeries.delete(volume);
       // prom-client's remove() takes a full label set, so go through the series that exist.
       for (const metric of Object.values(byVolume) as LabelledMetric[]) await removeSeriesOf(metric, volume);
     },
@@ -357,6 +403,11 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     setJournal,
     addDrained(volume, bytes) {
       drainBytes.inc({ volume }, amount(bytes));
+    },
+    observeJournalCommit(volume, seconds, records) {
+      const c = commitSeriesOf(volume);
+      if (Number.isFinite(seconds) && seconds >= 0) c.duration.observe(seconds);
+      if (Number.isInteger(records) && records > 0) c.uncounted += records;
     },
     observeCutover(volume, seconds) {
       if (Number.isFinite(seconds) && seconds >= 0) cutoverPause.observe({ volume }, seconds);

@@ -96,6 +96,7 @@ function metricsHooks(m: DetourMetrics): EngineHooks {
     },
     drained: (v, bytes) => m.addDrained(v, bytes),
     cutover: (v, seconds) => m.observeCutover(v, seconds),
+    journalCommit: (v, seconds, records) => m.observeJournalCommit(v, seconds, records),
     succeeded: (v, at) => m.backupSucceeded(v, at),
   };
 }
