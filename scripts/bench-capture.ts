@@ -184,6 +184,13 @@ function checkInterrupted(): void {
 // detour serve, its API and its log
 
 /** The log lines the figures are read from. */
+interface Counters {
+  commands: number;
+  commitGroups: number;
+  commitRecords: number;
+  commitSeconds: number;
+}
+
 interface LogEvent {
   msg: string;
   time: number;
@@ -257,14 +264,23 @@ class Detour {
     }
   }
 
-  /** Commands detour has executed for the volume (detour_scsi_commands_total, all ops). */
-  async scsiCommands(): Promise<number> {
+  /**
+   * The volume's counters: commands detour executed (detour_scsi_commands_total, all ops), and its
+   * journal's commit groups, their records and the seconds their durable writes took.
+   */
+  async counters(): Promise<Counters> {
     const text = await this.call<string>('GET', '/metrics');
-    let n = 0;
+    const c: Counters = { commands: 0, commitGroups: 0, commitRecords: 0, commitSeconds: 0 };
+    const volume = `volume="${VOLUME}"`;
     for (const line of text.split('\n')) {
-      if (line.startsWith('detour_scsi_commands_total{') && line.includes(`volume="${VOLUME}"`)) n += Number(line.slice(line.lastIndexOf(' ') + 1));
+      if (!line.includes(volume)) continue;
+      const value = Number(line.slice(line.lastIndexOf(' ') + 1));
+      if (line.startsWith('detour_scsi_commands_total{')) c.commands += value;
+      else if (line.startsWith('detour_journal_commit_duration_seconds_count{')) c.commitGroups += value;
+      else if (line.startsWith('detour_journal_commit_duration_seconds_sum{')) c.commitSeconds += value;
+      else if (line.startsWith('detour_journal_commit_records_total{')) c.commitRecords += value;
     }
-    return n;
+    return c;
   }
 
   /** A log event of a backup; log lines may trail the API's answer by a moment. */
@@ -538,9 +554,9 @@ async function captureSection(ctx: Context): Promise<void> {
     if (b.state !== 'running' || b.phase !== 'copying') throw new Error(`backup ${backupId} is ${b.state}/${b.phase}, not running/copying`);
     console.log(`  backup ${backupId} copying`);
 
-    const runChecked = async (load: CaptureLoad, p: PathId, warmUp: boolean): Promise<Sample> => {
+    const runChecked = async (load: CaptureLoad, p: PathId, warmUp: boolean): Promise<{ sample: Sample; journal: string }> => {
       const key = `${load.id}/${p}`;
-      const before = p === 'detour' ? await d.scsiCommands() : 0;
+      const before = p === 'detour' ? await d.counters() : undefined;
       let captureSessions = 0;
       // While the load runs, its session must be listed on detour in capture mode.
       const watcher = p === 'detour' ? setInterval(() => void d.sessions().then((s) => (captureSessions = Math.max(captureSessions, s.filter((x) => x.mode === 'capture').length)), () => {}), 300) : undefined;
@@ -554,12 +570,19 @@ async function captureSection(ctx: Context): Promise<void> {
       if (now.state !== 'running' || now.phase !== 'copying') {
         throw new Error(`the backup left 'copying' (now ${now.state}/${now.phase}) before this run ended; pass a lower --capture-rate than ${rate}`);
       }
-      if (p === 'detour') {
-        const through = (await d.scsiCommands()) - before;
+      let journal = '';
+      if (before) {
+        const after = await d.counters();
+        const through = after.commands - before.commands;
         if (through < 0.5 * res.ops) throw new Error(`only ${through} commands reached detour for the ${Math.round(res.ops)} the tool completed: the load did not run through detour`);
         if (captureSessions === 0 && !warmUp && res.ops > 0 && opts.seconds >= 2) throw new Error('no capture-mode session was listed on detour while the load ran');
+        const groups = after.commitGroups - before.commitGroups;
+        // Where a capture write's time goes: the disk's part is the commit group's durable write.
+        if (groups > 0) {
+          journal = ` [journal: ${((after.commitRecords - before.commitRecords) / groups).toFixed(1)} records per commit group, ${(((after.commitSeconds - before.commitSeconds) / groups) * 1e6).toFixed(0)} µs per group write]`;
+        }
       }
-      return res.sample;
+      return { sample: res.sample, journal };
     };
 
     for (const load of CAPTURE_LOADS.filter((l) => opts.loads.has(l.id))) {
@@ -575,9 +598,10 @@ async function captureSection(ctx: Context): Promise<void> {
         for (const p of order) {
           checkInterrupted();
           try {
-            const v = figureOf(load.metric, await runChecked(load, p, false));
+            const { sample, journal } = await runChecked(load, p, false);
+            const v = figureOf(load.metric, sample);
             addSample(results, `${load.id}/${p}`, v);
-            line.push(`${p === 'direct' ? 'tgtd direct' : 'detour capture'} ${v.toFixed(load.metric === 'IOPS' ? 0 : 1)}`);
+            line.push(`${p === 'direct' ? 'tgtd direct' : 'detour capture'} ${v.toFixed(load.metric === 'IOPS' ? 0 : 1)}${journal}`);
           } catch (err) {
             if (interrupt.signal.aborted) throw err;
             results.errors.push(`${load.id} via ${p}: ${(err as Error).message}`);
