@@ -64,6 +64,7 @@ import {
   BLOCK_SIZE,
   cpuTimes,
   DetourServer,
+  flushDirtyPages,
   interrupt,
   iscsiPerf,
   mainThreadProfiles,
@@ -556,6 +557,7 @@ async function captureSection(ctx: Context): Promise<void> {
 
     const runChecked = async (load: CaptureLoad, p: PathId, warmUp: boolean): Promise<{ sample: Sample; journal: string }> => {
       const key = `${load.id}/${p}`;
+      await flushDirtyPages();
       const before = p === 'detour' ? await d.counters() : undefined;
       let captureSessions = 0;
       // While the load runs, its session must be listed on detour in capture mode.
@@ -659,6 +661,7 @@ async function copySection(ctx: Context, d: Detour): Promise<void> {
     for (const p of order) {
       checkInterrupted();
       try {
+        await flushDirtyPages();
         if (p === 'detour') {
           const r = await fullBackup(d, `bench-copy-${rep + 1}`, opts.size);
           lastCopySeconds = r.copySeconds;
@@ -842,6 +845,7 @@ async function main(): Promise<number> {
     results.disk = disk;
     console.log(`  work directory's disk, write + fdatasync at QD 1: 2 MiB writes ${(disk.bytesPerSec / 1e6).toFixed(0)} MB/s, 4 KiB writes ${disk.smallSyncsPerSec.toFixed(0)}/s`);
     if (opts.sections.has('capture')) {
+      await flushDirtyPages();
       const j = await journalCeiling(work, 3);
       results.journal = j;
       console.log(

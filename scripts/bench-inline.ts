@@ -34,6 +34,7 @@ import {
   BLOCK_SIZE,
   cpuTimes,
   DetourServer,
+  flushDirtyPages,
   interrupt,
   iscsiPerf,
   mainThreadProfiles,
@@ -304,6 +305,7 @@ async function main(): Promise<number> {
           if (interrupt.signal.aborted) throw new Error('interrupted');
           const key = `${load.id}/${p.id}`;
           try {
+            await flushDirtyPages();
             const s = await load.measure(bench.urls[p.id], p.id, opts);
             const v = figure(load, s);
             samples.set(key, [...(samples.get(key) ?? []), v]);
