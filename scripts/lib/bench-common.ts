@@ -110,8 +110,8 @@ export function runTool(cmd: string, args: string[], timeoutMs: number): Promise
  * Writes every dirty page of the host to disk (sync(1)) and waits for it. Called before each
  * measured run, so that no run pays for the writeback of the one before it: tgtd acknowledges
  * writes from the page cache, and the kernel writes them back up to 30 s later, into whatever runs
- * then. A detour capture run was the one to suffer, because its journal writes are durable and
- * queued behind that writeback on the same disk (commit groups took 15-18 ms instead of 1-5 ms).
+ * then. A detour capture run suffers most, because its journal writes are durable and queue
+ * behind that writeback on the same disk.
  */
 export async function flushDirtyPages(): Promise<void> {
   await runTool('sync', [], 300_000);
