@@ -16,6 +16,7 @@ import {
   type JournalRecord,
   type JournalUsage,
 } from '../src/capture/journal.ts';
+import { crc32c } from 'iscsi-node-wire';
 import { SnapshotMap, type MapExtent } from '../src/capture/snapshot-map.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
@@ -91,7 +92,7 @@ function instrumentedFs() {
  */
 function durableFs() {
   const calls = { writeDurable: 0, write: 0, datasync: 0 };
-  const control: { hold?: Promise<void>; failNext?: Error; writes: Uint8Array[][] } = { writes: [] };
+  const control: { hold?: Promise<void>; failNext?: Error; writes: Uint8Array[][]; positions: number[] } = { writes: [], positions: [] };
   const fs: JournalFileSystem = {
     ...nodeJournalFs,
     async openFile(file, mode) {
@@ -105,6 +106,7 @@ function durableFs() {
         async writeDurable(b, p) {
           calls.writeDurable++;
           control.writes.push([...b]);
+          control.positions.push(p);
           if (control.hold) await control.hold;
           const err = control.failNext;
           if (err) {
@@ -158,9 +160,13 @@ describe('Journal append and readData', () => {
     expect([w.seq, same.seq, un.seq]).toEqual([1, 2, 3]);
     expect(w).toMatchObject({ lba: 100, blocks: 8, kind: 'write', receiveTime: 1234 });
     expect(w.location).toMatchObject({ kind: 'write', blocks: 8 });
-    // Data starts one 512-byte header into its record, and records are 512-aligned.
+    // Data starts one 512-byte header into its record, and records are 512-aligned. Each append
+    // here was a commit group of its own, and a group is padded to the next 4 KiB boundary.
     expect(w.location.offset % 512).toBe(0);
-    expect(same.location.offset).toBe(w.location.offset + 8 * 4096 + 512);
+    expect(w.location.offset).toBe(512);
+    expect(same.location.offset).toBe(w.location.offset + 8 * 4096 + 4096);
+    // The write-same record: 4 KiB of data and 3.5 KiB of padding, then the unmap record's header.
+    expect(un.location.offset).toBe(same.location.offset + 4096 + 3584 + 512);
 
     expect((await j.readData(w.location)).equals(pattern(1, 8 * 4096))).toBe(true);
     expect((await j.readData(w.location, 3, 2)).equals(pattern(1, 8 * 4096).subarray(3 * 4096, 5 * 4096))).toBe(true);
@@ -366,6 +372,43 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
     expect([...recs, more].map((r) => r.seq)).toEqual([1, 2, 3, 4, 5]);
     expect(calls).toBe(2);
     for (const r of [...recs, more]) expect((await j2.readData(r.location)).equals(pattern(r.seq, 512))).toBe(true);
+    await j2.close();
+  });
+
+  it('writes every commit group as whole 4 KiB blocks: it starts on a 4 KiB boundary, and its last record is padded to the next one', async () => {
+    const dir = await tempDir();
+    const { fs, control } = durableFs();
+    const j = await openJournal(dir, { fs });
+    const recs: JournalRecord[] = [];
+    let seq = 0;
+    // Groups of 1 to 5 records of 1 to 9 blocks of 512 bytes: almost none is a multiple of 4 KiB.
+    for (const [count, blocks] of [[1, 1], [3, 2], [5, 9], [2, 7], [4, 3], [1, 8]] as const) {
+      const round = Array.from({ length: count }, () => {
+        seq++;
+        return j.append({ lba: seq * 16, blocks, data: pattern(seq, blocks * 512) });
+      });
+      recs.push(...(await Promise.all(round)));
+    }
+    expect(control.writes.length).toBe(6);
+    for (let i = 0; i < control.writes.length; i++) {
+      const length = control.writes[i]!.reduce((a, b) => a + b.length, 0);
+      expect(control.positions[i]! % 4096, `group ${i}`).toBe(0);
+      expect(length % 4096, `group ${i}`).toBe(0);
+      // No more padding than it takes to get there: less than 4 KiB beyond its records.
+      const start = control.positions[i]!;
+      const inGroup = recs.filter((r) => r.location.offset - 512 >= start && r.location.offset - 512 < start + length);
+      const unpadded = inGroup.reduce((a, r) => a + 512 + r.blocks * 512, 0);
+      expect(length - unpadded, `group ${i}`).toBeGreaterThanOrEqual(0);
+      expect(length - unpadded, `group ${i}`).toBeLessThan(4096);
+      if (i > 0) expect(control.positions[i]).toBe(control.positions[i - 1]! + control.writes[i - 1]!.reduce((a, b) => a + b.length, 0));
+    }
+    const [seg] = await segmentFiles(dir);
+    expect((await stat(path.join(dir, seg!))).size % 4096).toBe(0);
+    await j.close();
+    const { j: j2, recs: again } = await reopen(dir);
+    expect(again).toEqual(recs);
+    expect(j2.recovery.tornTail).toBeUndefined();
+    for (const r of again) expect((await j2.readData(r.location)).equals(pattern(r.seq, r.blocks * 512))).toBe(true);
     await j2.close();
   });
 
@@ -635,7 +678,10 @@ describe('Journal crash recovery', () => {
     const segPath = path.join(dir, segName!);
     const full = await readFile(segPath);
     const finalStart = written.at(-1)!.location.offset - 512;
-    expect(full.length).toBe(finalStart + 1024);
+    // Header, data, and the group's padding to the next 4 KiB boundary: a record is complete only
+    // with its padding, which its group's durable write covered too.
+    expect(finalStart % 4096).toBe(0);
+    expect(full.length).toBe(finalStart + 4096);
 
     for (let len = finalStart; len <= full.length; len++) {
       await writeFile(segPath, full.subarray(0, len));
@@ -704,6 +750,55 @@ describe('Journal crash recovery', () => {
     // Only intact records were ever handed out, and the file was left alone for inspection.
     expect(seen).toEqual([1, 2, 3]);
     expect((await readFile(segPath)).equals(buf)).toBe(true);
+  });
+
+  it('recovers records of format version 1 (groups without padding); a version-1 record claiming padding is not one', async () => {
+    // Rewrites every record of a segment as version 1, with its CRC made right again: what an
+    // earlier detour wrote, when a group ended wherever its last record did.
+    const asVersion1 = (buf: Buffer) => {
+      for (let pos = 0; pos < buf.length; ) {
+        const h = buf.subarray(pos, pos + 512);
+        const dataBytes = h.readUInt32LE(48);
+        h.writeUInt16LE(1, 4);
+        const dataCrc = dataBytes > 0 ? crc32c(buf.subarray(pos + 512, pos + 512 + dataBytes)) : 0;
+        h.writeUInt32LE(crc32c(h.subarray(0, 508), dataCrc), 508);
+        pos += h.readUInt32LE(52);
+      }
+      return buf;
+    };
+    const dir = await tempDir();
+    const j = await openJournal(dir);
+    // Records of 7 blocks are 4 KiB with their header: these groups need no padding.
+    const recs = await Promise.all(Array.from({ length: 3 }, (_, i) => j.append({ lba: i * 8, blocks: 7, data: pattern(i + 1, 3584) })));
+    await j.close();
+    const [seg] = await segmentFiles(dir);
+    const segPath = path.join(dir, seg!);
+    const v2 = await readFile(segPath);
+    await writeFile(segPath, asVersion1(Buffer.from(v2)));
+    const { j: j2, recs: again } = await reopen(dir);
+    expect(again).toEqual(recs);
+    expect(j2.recovery.tornTail).toBeUndefined();
+    for (const r of again) expect((await j2.readData(r.location)).equals(pattern(r.seq, 3584))).toBe(true);
+    await j2.close();
+
+    // A last group whose record carries padding, relabelled version 1: its length is not what
+    // version 1 allows, so it is a bad record, here the torn tail.
+    const dir2 = await tempDir();
+    const k = await openJournal(dir2);
+    await Promise.all(Array.from({ length: 3 }, (_, i) => k.append({ lba: i * 8, blocks: 7, data: pattern(i + 1, 3584) })));
+    const padded = await k.append({ lba: 100, blocks: 1, data: pattern(4, 512) });
+    await k.close();
+    const [seg2] = await segmentFiles(dir2);
+    const seg2Path = path.join(dir2, seg2!);
+    const buf = await readFile(seg2Path);
+    expect(buf.length).toBe(3 * 4096 + 4096);
+    expect(buf.readUInt32LE(3 * 4096 + 52)).toBe(4096);
+    await writeFile(seg2Path, asVersion1(Buffer.from(buf)));
+    const { j: k2, recs: kept } = await reopen(dir2);
+    expect(kept.map((r) => r.seq)).toEqual([1, 2, 3]);
+    expect(k2.recovery.tornTail).toMatchObject({ offset: 3 * 4096, reason: 'inconsistent record header' });
+    expect(padded.seq).toBe(4);
+    await k2.close();
   });
 
   it('damage in a segment that is not the last one is corruption', async () => {
@@ -852,13 +947,13 @@ describe('Journal crash recovery', () => {
 describe('Journal draining', () => {
   it('persists the drain point across reopen and deletes fully drained segments', async () => {
     const dir = await tempDir();
-    const j = await openJournal(dir, { segmentBytes: 4096, reflect: () => {} });
+    const j = await openJournal(dir, { segmentBytes: 8192, reflect: () => {} });
     const recs: JournalRecord[] = [];
-    // 1536-byte records, one group each: two per 4 KiB segment.
+    // 1536-byte records, one group each, padded to 4 KiB: two per 8 KiB segment.
     for (let s = 1; s <= 10; s++) recs.push(await j.append({ lba: s * 4, blocks: 2, data: pattern(s, 1024) }));
     expect(await segmentFiles(dir)).toHaveLength(5);
     expect(j.records).toBe(10);
-    expect(j.bytes).toBe(10 * 1536);
+    expect(j.bytes).toBe(10 * 4096);
     await expect(j.markDrained(11)).rejects.toThrow(RangeError);
     let drainedWaiter = false;
     const w = j.waitDrained(5).then(() => (drainedWaiter = true));
@@ -868,14 +963,14 @@ describe('Journal draining', () => {
     expect(j.drainedSeq).toBe(5);
     expect(j.records).toBe(5);
     expect(await segmentFiles(dir)).toHaveLength(3);
-    expect(j.bytes).toBe(6 * 1536);
+    expect(j.bytes).toBe(6 * 4096);
     await expect(j.readData(recs[0]!.location)).rejects.toBeInstanceOf(JournalDataDrainedError);
     expect((await j.readData(recs[4]!.location)).equals(pattern(5, 1024))).toBe(true);
     await j.markDrained(3); // going backwards is a no-op
     expect(j.drainedSeq).toBe(5);
     await j.close();
 
-    const { j: j2, recs: again } = await reopen(dir, { segmentBytes: 4096 });
+    const { j: j2, recs: again } = await reopen(dir, { segmentBytes: 8192 });
     expect(j2.drainedSeq).toBe(5);
     expect(again.map((r) => r.seq)).toEqual([6, 7, 8, 9, 10]);
     expect(j2.recovery.records).toBe(5);
@@ -926,27 +1021,28 @@ describe('Journal draining', () => {
 describe('Journal capacity', () => {
   it('alerts at the high-water mark, applies back-pressure at the limit, resumes after draining', async () => {
     const dir = await tempDir();
-    // 4608-byte records (4 KiB data); 2-record segments; room for 8 records.
+    // 4096-byte records (header and 3.5 KiB of data: groups of them need no padding); 2-record
+    // segments; room for 8 records.
     const j = await Journal.open({
       dir,
-      blockSize: 4096,
-      capacityBytes: 8 * 4608,
-      segmentBytes: 2 * 4608,
+      blockSize: 512,
+      capacityBytes: 8 * 4096,
+      segmentBytes: 2 * 4096,
       reflect: () => {},
     });
     const events: [string, JournalUsage][] = [];
     for (const e of ['high-water', 'below-high-water', 'blocked', 'unblocked'] as const) {
       j.on(e, (u) => events.push([e, u]));
     }
-    const first = await Promise.all(Array.from({ length: 6 }, (_, i) => j.append({ lba: i, blocks: 1, data: pattern(i + 1, 4096) })));
+    const first = await Promise.all(Array.from({ length: 6 }, (_, i) => j.append({ lba: i, blocks: 7, data: pattern(i + 1, 3584) })));
     expect(events).toEqual([]);
-    await j.append({ lba: 6, blocks: 1, data: pattern(7, 4096) }); // 7/8 = 87.5%
+    await j.append({ lba: 6, blocks: 7, data: pattern(7, 3584) }); // 7/8 = 87.5%
     expect(events.map((e) => e[0])).toEqual(['high-water']);
-    expect(j.usage).toMatchObject({ usedBytes: 7 * 4608, highWater: true, waitingAppends: 0 });
-    await j.append({ lba: 7, blocks: 1, data: pattern(8, 4096) }); // full
+    expect(j.usage).toMatchObject({ usedBytes: 7 * 4096, highWater: true, waitingAppends: 0 });
+    await j.append({ lba: 7, blocks: 7, data: pattern(8, 3584) }); // full
 
     const acked: number[] = [];
-    const blocked = [9, 10, 11].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 4096) }).then((r) => (acked.push(r.seq), r)));
+    const blocked = [9, 10, 11].map((s) => j.append({ lba: s, blocks: 7, data: pattern(s, 3584) }).then((r) => (acked.push(r.seq), r)));
     for (let i = 0; i < 20; i++) await tick();
     expect(acked).toEqual([]);
     expect(events.map((e) => e[0])).toEqual(['high-water', 'blocked']);

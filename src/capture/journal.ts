@@ -14,6 +14,9 @@
 //
 // Record format. Every record starts on a 512-byte boundary:
 //   [ header: 512 bytes ][ data: dataBytes ][ zero padding to the next 512-byte boundary ]
+// The last record of a commit group pads on to the next 4 KiB boundary, and says so in its
+// recordBytes, so every group is whole 4 KiB blocks (format version 2; see GROUP_ALIGN). Version 1
+// records, written before that, have no group padding; recovery reads both.
 // Header fields (little-endian):
 //     0 u32 magic "DJRN"          4 u16 format version       6 u8 kind       7 u8 reserved
 //     8 u64 seq                  16 u64 commit group (seq of the first record of its durable write)
@@ -27,7 +30,11 @@
 // 4 KiB page to every 4 KiB write, doubling the journal for the most common write size; journal
 // capacity is what bounds how long a backup may take, so space wins over page-aligned reads (the
 // page cache copies unaligned ranges at memory speed). 512 is also all O_DIRECT asks of a disk with
-// 512-byte logical blocks, so every commit group can be written past the page cache.
+// 512-byte logical blocks, so every commit group can be written past the page cache. Records
+// inside a group stay 512-aligned; only the group as a whole is padded to 4 KiB, which costs less
+// than 4 KiB per group (much of a record for a lone 4 KiB write, little under load, when groups
+// carry many records) and makes a group's durable write two to eight times faster where the disk
+// or the file system works in 4 KiB blocks.
 //
 // Why the commit group is in the header: after a crash only the last commit group can be partially
 // on disk, and the kernel may have written its pages in any order. The first bad record in the
@@ -324,7 +331,20 @@ export interface JournalStats {
 const HEADER_BYTES = 512;
 const ALIGN = 512;
 const MAGIC = 0x4e524a44; // "DJRN"
+/** Of the state file; and of records written before commit groups were padded (see GROUP_ALIGN). */
 const FORMAT_VERSION = 1;
+/** Of records written now: the last record of a group may carry the group's padding. */
+const RECORD_VERSION = 2;
+/**
+ * Every commit group starts and ends on a 4 KiB boundary: its last record is padded with zeros to
+ * get there. A direct write that does not cover whole 4 KiB blocks is several times slower on a
+ * disk with 4 KiB physical sectors or a file system with 4 KiB blocks, because one of them has to
+ * read, merge and write back the blocks it only partly covers. Measured on ext4 on a virtio disk
+ * with 4 KiB physical sectors (O_DIRECT|O_DSYNC, QD 1): 640 KiB writes took 1.4 ms, 645 KiB
+ * writes (not a multiple of 4 KiB) 8.9-12.4 ms. Records of one group are only 512-byte aligned,
+ * so before this, most groups ended mid-block, and so did the start of the next one.
+ */
+const GROUP_ALIGN = 4096;
 const CRC_OFFSET = HEADER_BYTES - 4;
 const ID_BYTES = 8;
 const MAX_U32 = 0xffff_ffff;
@@ -332,8 +352,8 @@ const SCAN_CHUNK = 4 << 20;
 const STATE_FILE = 'journal-state.json';
 const STATE_TMP = 'journal-state.json.tmp';
 const SEGMENT_RE = /^segment-(\d{16})\.jnl$/;
-/** Padding after data that does not end on a 512-byte boundary (never written to). */
-const ZERO_PAD = new Uint8Array(ALIGN);
+/** Padding after data that does not end on a 512-byte boundary, and up to a group's 4 KiB boundary. */
+const ZERO_PAD = new Uint8Array(GROUP_ALIGN);
 
 const KIND_CODE: Record<RecordKind, number> = { write: 1, 'write-same': 2, unmap: 3 };
 const CODE_KIND: readonly (RecordKind | undefined)[] = [undefined, 'write', 'write-same', 'unmap'];
@@ -344,6 +364,20 @@ function segmentName(id: number): string {
 
 function alignUp(n: number): number {
   return Math.ceil(n / ALIGN) * ALIGN;
+}
+
+function alignTo(n: number, unit: number): number {
+  return Math.ceil(n / unit) * unit;
+}
+
+/**
+ * A record's length on disk against the length of its header and data: the same in version 1;
+ * in version 2 the last record of a group also carries the group's padding, a multiple of 512
+ * bytes below 4 KiB.
+ */
+function recordLengthValid(version: number, recordBytes: number, unpadded: number): boolean {
+  if (version === FORMAT_VERSION) return recordBytes === unpadded;
+  return recordBytes >= unpadded && recordBytes - unpadded < GROUP_ALIGN && recordBytes % ALIGN === 0;
 }
 
 function putU64(b: Buffer, off: number, v: number): void {
@@ -630,7 +664,10 @@ interface CommitGroup {
   readonly records: Pending[];
   /** File offset of the first record. */
   readonly start: number;
+  /** Records and padding. */
   readonly bytes: number;
+  /** Zeros after the last record, up to a 4 KiB boundary (GROUP_ALIGN). */
+  readonly pad: number;
 }
 
 interface Unreflected {
@@ -1026,14 +1063,21 @@ export class Journal extends EventEmitter<JournalEvents> {
       n++;
     }
     const seg = this.active;
-    if (!seg || seg.deleted || (seg.written > 0 && seg.written + bytes > this.segmentBytes)) {
+    // Padding up to the next 4 KiB boundary of the file (see GROUP_ALIGN), on the last record.
+    const pad = seg ? alignTo(seg.written + bytes, GROUP_ALIGN) - (seg.written + bytes) : 0;
+    if (!seg || seg.deleted || (seg.written > 0 && seg.written + bytes + pad > this.segmentBytes)) {
       this.roll();
       return;
     }
     const records = this.queue.splice(0, n);
-    const group: CommitGroup = { seg, records, start: seg.written, bytes };
+    // The padding was not reserved at admission (a record does not know which group it will end);
+    // reserving it now keeps usage and the acknowledgement's accounting exact. It can take the
+    // journal past its capacity by less than 4 KiB; nothing more is admitted until space is freed.
+    this.reservedBytes += pad;
+    bytes += pad;
+    const group: CommitGroup = { seg, records, start: seg.written, bytes, pad };
     seg.written += bytes;
-    const iov = this.recordImages(records);
+    const iov = this.recordImages(records, pad);
     this.committing = group;
     this.stats.bytesWritten += bytes;
     const file = seg.file;
@@ -1071,17 +1115,18 @@ export class Journal extends EventEmitter<JournalEvents> {
   }
 
   /** Header, data and padding of each record of a commit group, headers filled in now. */
-  private recordImages(records: Pending[]): Uint8Array[] {
+  private recordImages(records: Pending[], groupPad: number): Uint8Array[] {
     const groupFirst = records[0]!.seq;
     const headers = Buffer.alloc(records.length * HEADER_BYTES);
     const iov: Uint8Array[] = [];
     for (let i = 0; i < records.length; i++) {
       const p = records[i]!;
       const h = headers.subarray(i * HEADER_BYTES, (i + 1) * HEADER_BYTES);
-      this.fillHeader(h, p, groupFirst);
+      const extra = i === records.length - 1 ? groupPad : 0;
+      this.fillHeader(h, p, groupFirst, p.recordBytes + extra);
       iov.push(h);
       if (p.data) iov.push(p.data);
-      const pad = p.recordBytes - HEADER_BYTES - p.dataBytes;
+      const pad = p.recordBytes + extra - HEADER_BYTES - p.dataBytes;
       if (pad > 0) iov.push(ZERO_PAD.subarray(0, pad));
     }
     return iov;
@@ -1104,7 +1149,7 @@ export class Journal extends EventEmitter<JournalEvents> {
         kind: p.kind,
         location: { segment: seg.id, offset: offset + HEADER_BYTES, kind: p.kind, blocks: p.blocks },
       };
-      offset += p.recordBytes;
+      offset += p.recordBytes + (i === records.length - 1 ? group.pad : 0);
       seg.size = offset;
       seg.lastSeq = p.seq;
       this.durable = p.seq;
@@ -1118,9 +1163,9 @@ export class Journal extends EventEmitter<JournalEvents> {
     }
   }
 
-  private fillHeader(h: Buffer, p: Pending, groupFirst: number): void {
+  private fillHeader(h: Buffer, p: Pending, groupFirst: number, recordBytes: number): void {
     h.writeUInt32LE(MAGIC, 0);
-    h.writeUInt16LE(FORMAT_VERSION, 4);
+    h.writeUInt16LE(RECORD_VERSION, 4);
     h.writeUInt8(KIND_CODE[p.kind], 6);
     putU64(h, 8, p.seq);
     putU64(h, 16, groupFirst);
@@ -1129,7 +1174,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     h.writeUInt32LE(p.blocks, 40);
     h.writeUInt32LE(this.blockSize, 44);
     h.writeUInt32LE(p.dataBytes, 48);
-    h.writeUInt32LE(p.recordBytes, 52);
+    h.writeUInt32LE(recordBytes, 52);
     this.journalId.copy(h, 56);
     h.writeUInt32LE(crc32c(h.subarray(0, CRC_OFFSET), p.dataCrc), CRC_OFFSET);
   }
@@ -1600,7 +1645,8 @@ export class Journal extends EventEmitter<JournalEvents> {
     if (scanner.size - pos < HEADER_BYTES) return { ok: false, reason: 'incomplete record header' };
     const h = await scanner.bytes(pos, HEADER_BYTES);
     if (h.readUInt32LE(0) !== MAGIC) return { ok: false, reason: 'no record magic' };
-    if (h.readUInt16LE(4) !== FORMAT_VERSION) return { ok: false, reason: `unknown format version ${h.readUInt16LE(4)}` };
+    const version = h.readUInt16LE(4);
+    if (version !== FORMAT_VERSION && version !== RECORD_VERSION) return { ok: false, reason: `unknown format version ${version}` };
     if (!h.subarray(56, 56 + ID_BYTES).equals(this.journalId)) return { ok: false, reason: 'record of another journal' };
     const kind = CODE_KIND[h.readUInt8(6)];
     if (!kind) return { ok: false, reason: `unknown record kind ${h.readUInt8(6)}` };
@@ -1620,7 +1666,7 @@ export class Journal extends EventEmitter<JournalEvents> {
       !Number.isSafeInteger(lba + blocks) ||
       h.readUInt32LE(44) !== this.blockSize ||
       dataBytes !== dataBytesFor(kind, blocks, this.blockSize) ||
-      recordBytes !== HEADER_BYTES + alignUp(dataBytes)
+      !recordLengthValid(version, recordBytes, HEADER_BYTES + alignUp(dataBytes))
     ) {
       return { ok: false, reason: 'inconsistent record header' };
     }
