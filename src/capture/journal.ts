@@ -33,7 +33,7 @@
 // 512-byte logical blocks, so every commit group can be written past the page cache. Records
 // inside a group stay 512-aligned; only the group as a whole is padded to 4 KiB, which costs less
 // than 4 KiB per group (much of a record for a lone 4 KiB write, little under load, when groups
-// carry many records) and makes a group's durable write two to eight times faster where the disk
+// carry many records) and makes a group's durable write two to nine times faster where the disk
 // or the file system works in 4 KiB blocks.
 //
 // Why the commit group is in the header: after a crash only the last commit group can be partially
