@@ -184,7 +184,7 @@ function checkInterrupted(): void {
 // ------------------------------------------------------------------------------------------------
 // detour serve, its API and its log
 
-/** The log lines the figures are read from. */
+/** The volume's counters in /metrics that the figures are checked and explained with. */
 interface Counters {
   commands: number;
   commitGroups: number;
@@ -192,6 +192,7 @@ interface Counters {
   commitSeconds: number;
 }
 
+/** The log lines the figures are read from. */
 interface LogEvent {
   msg: string;
   time: number;

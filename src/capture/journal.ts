@@ -362,11 +362,7 @@ function segmentName(id: number): string {
   return `segment-${String(id).padStart(16, '0')}.jnl`;
 }
 
-function alignUp(n: number): number {
-  return Math.ceil(n / ALIGN) * ALIGN;
-}
-
-function alignTo(n: number, unit: number): number {
+function alignUp(n: number, unit = ALIGN): number {
   return Math.ceil(n / unit) * unit;
 }
 
@@ -1064,7 +1060,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     }
     const seg = this.active;
     // Padding up to the next 4 KiB boundary of the file (see GROUP_ALIGN), on the last record.
-    const pad = seg ? alignTo(seg.written + bytes, GROUP_ALIGN) - (seg.written + bytes) : 0;
+    const pad = seg ? alignUp(seg.written + bytes, GROUP_ALIGN) - (seg.written + bytes) : 0;
     if (!seg || seg.deleted || (seg.written > 0 && seg.written + bytes + pad > this.segmentBytes)) {
       this.roll();
       return;
