@@ -62,15 +62,18 @@ describe('Portal', () => {
 
     // Busy: a one-way NOP-Out every 50 ms for 5 intervals; the target never pings.
     const busyUntil = Date.now() + 5 * interval;
+    let lastSentAt = 0;
     while (Date.now() < busyUntil) {
+      lastSentAt = Date.now();
       c.sendPdu({ opcode: Opcode.NopOut, immediate: true, itt: RESERVED_TAG, ttt: RESERVED_TAG, lun: 0, cmdSN: 0, expStatSN: 0 });
       const seen = await c.drain(50);
       expect(seen.filter(isPing)).toEqual([]);
     }
-    // Silent: the ping comes between one and one and a half intervals later (slack for a busy host).
-    const quietFrom = Date.now();
+    // Silent: the ping comes between one and one and a half intervals after the last PDU the
+    // target heard (slack for a busy host). The silence began at the last NOP-Out, not at the end
+    // of the drain after it: measuring from the drain's end ran up to 50 ms short and failed once.
     const ping = await c.next<NopIn>(isPing, 5 * interval);
-    const after = Date.now() - quietFrom;
+    const after = Date.now() - lastSentAt;
     expect(after).toBeGreaterThanOrEqual(interval - 20);
     expect(ping.ttt).not.toBe(RESERVED_TAG);
     // Answered: the connection stays; the next ping is another interval of silence away.
