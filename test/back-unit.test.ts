@@ -620,10 +620,12 @@ describe('target-initiated traffic', () => {
   it('pings an idle target and reconnects when the ping goes unanswered', async () => {
     let answer = true;
     const t = await fake({ onPdu: (_c, pdu) => pdu.opcode === Opcode.NopOut && !answer });
-    const s = await connect(t, { nopIntervalMs: 40, nopTimeoutMs: 100 });
+    // A timeout well above a busy host's event-loop stalls: an answered ping must never look lost.
+    const s = await connect(t, { nopIntervalMs: 40, nopTimeoutMs: 1000 });
     await waitFor(() => t.last.received.some((p) => p.opcode === Opcode.NopOut && p.itt !== RESERVED_TAG));
     const ping = t.last.received.find((p) => p.opcode === Opcode.NopOut)!;
     expect(ping.opcode === Opcode.NopOut && ping.ttt).toBe(RESERVED_TAG);
+    expect(t.logins).toBe(1);
     answer = false;
     await new Promise<void>((r) => s.once('reconnect', () => r()));
     expect(t.logins).toBe(2);

@@ -56,7 +56,8 @@ for (const topology of ['proxy-directed', 'main-directed'] as const) {
         {
           portal: `127.0.0.2:${port}`,
           dataDir: path.join(work, 'data'),
-          volumes: [{ name: 'vol1', target: IQN, main: tgtd.portal, topology, control: { type: 'tgt', tid: 1, controlPort: tgtd.controlPort }, ioTimeoutBudget: '5s' }],
+          // A copy of at least 4 s, so the writes below overlap it however fast the copy could go.
+          volumes: [{ name: 'vol1', target: IQN, main: tgtd.portal, topology, control: { type: 'tgt', tid: 1, controlPort: tgtd.controlPort }, ioTimeoutBudget: '5s', copyRateLimit: '8M' }],
         },
         path.join(work, 'detour.yaml'),
       );

@@ -941,7 +941,7 @@ describe('Journal crash recovery', () => {
       previousLast = j.lastSeq;
       await j.close();
     }
-  });
+  }, 180_000);
 });
 
 describe('Journal draining', () => {

@@ -190,7 +190,8 @@ function routeLogs(r: Rig, access: 'read' | 'write'): string[] {
 
 describe('backups with a reservation held on the main LUN (tgtd)', () => {
   it('Write Exclusive taken through detour before the backup (inline): the drain writes through the holder nexus, main gets every acknowledged write', async () => {
-    const r = await rig('inline', { copyRateLimit: '8M' });
+    // A copy of 8 s: the count of writes during the backup below must not depend on the host's pace.
+    const r = await rig('inline', { copyRateLimit: '2M' });
     const host = await r.connect();
     expect(host.connectedPortal).toBe(r.detourPortal);
     const KEY = 0x5e11_0001n;
@@ -236,7 +237,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
   for (const kind of ['Exclusive Access', 'RESERVE(6)'] as const) {
     it(`${kind} taken during the copy (proxy-directed): copy, capture-view reads and drain go through the holder nexus`, async () => {
       // Slow enough for the reservation to arrive while the copy runs.
-      const r = await rig('proxy-directed', { copyRateLimit: '4M' });
+      const r = await rig('proxy-directed', { copyRateLimit: '2M' });
       const host = await r.connect();
       expect(host.connectedPortal).toBe(r.tgtd.portal);
       const engine = r.proxy.engine;

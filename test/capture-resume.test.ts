@@ -285,7 +285,9 @@ for (const { topology, signal } of CASES) describe(`backup across a restart of d
     const before = await waitFor('a third of the copy', 60_000, async () => {
       const b = await api<Backup>(apiBase, 'GET', `/v1/backups/${id}`);
       if (b.state !== 'running') throw new Fatal(`backup ended: ${JSON.stringify(b)}`);
-      return b.bytesCopied >= LUN_SIZE / 3 ? b : undefined;
+      // And a few pattern writes in, however slowly a busy host runs them: the copy's pace is set
+      // by its rate limit, not by the workload.
+      return b.bytesCopied >= LUN_SIZE / 3 && patternWrites.length >= 4 ? b : undefined;
     });
     expect(before.phase).toBe('copying');
     const writesBeforeStop = patternWrites.length;
@@ -574,11 +576,19 @@ describe('capture gaps, in process against tgtd', () => {
       const j = crypto.randomInt(i + 1);
       [order[i], order[j]] = [order[j]!, order[i]!];
     }
-    for (const k of order) {
-      const data = crypto.randomBytes(4096);
-      await initiator.write(1, base + k * 8, data, BS);
-      data.copy(model, (base + k * 8) * BS);
-    }
+    // 32 at a time, as an initiator's queue would send them: one at a time, each waiting for its
+    // own durable journal write, they could outlast the copy on a busy host.
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 32 }, async () => {
+        while (next < order.length) {
+          const k = order[next++]!;
+          const data = crypto.randomBytes(4096);
+          await initiator.write(1, base + k * 8, data, BS);
+          data.copy(model, (base + k * 8) * BS);
+        }
+      }),
+    );
     // All of them before the drain, so one round has them all.
     expect(engine.getBackup(id)!.phase).toBe('copying');
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
@@ -597,7 +607,7 @@ describe('capture gaps, in process against tgtd', () => {
   }, 120_000);
 
   it('drain: initiator writes that outrun the drain are held back until it converges; the backup cuts over while they go on, none fails or is lost', async () => {
-    // The drain to main is capped at 1 MiB/s; four writers rewrite a 2 MiB region as fast as they
+    // The drain to main is capped at 1 MiB/s; sixteen writers rewrite a 2 MiB region as fast as they
     // can, far above that. Without holding them back every round would find about 2 MiB pending,
     // 2 s of drain against a 1 s threshold (half the 2 s budget), for as long as they write.
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '16M', drainRateLimit: '1M', ioTimeoutBudget: '2s' });
@@ -605,12 +615,15 @@ describe('capture gaps, in process against tgtd', () => {
     const id = await startCopying(engine);
     const model = Buffer.from(original);
     const base = 50_000;
-    const slots = 512; // 4 KiB slots over 2 MiB, slot % 4 belongs to one writer
+    const slots = 512; // 4 KiB slots over 2 MiB, slot % WRITERS belongs to one writer
+    // Enough writers that their demand stays far above the drain's 1 MiB/s however slow the
+    // journal's durable writes get on a busy host (each writer waits for its own).
+    const WRITERS = 16;
     let running = true;
     const perPhase: Record<string, number> = {};
     const writer = async (k: number) => {
       while (running) {
-        const slot = crypto.randomInt(slots / 4) * 4 + k;
+        const slot = crypto.randomInt(slots / WRITERS) * WRITERS + k;
         const data = crypto.randomBytes(4096);
         const phase = engine.getBackup(id)!.phase;
         await initiator.write(1, base + slot * 8, data, BS);
@@ -618,7 +631,7 @@ describe('capture gaps, in process against tgtd', () => {
         perPhase[phase] = (perPhase[phase] ?? 0) + 1;
       }
     };
-    const writers = [0, 1, 2, 3].map((k) => writer(k));
+    const writers = Array.from({ length: WRITERS }, (_, k) => writer(k));
     try {
       await waitUntil(() => engine.getBackup(id)!.state !== 'running', 100_000, 'the backup to end while the writers go on');
     } finally {

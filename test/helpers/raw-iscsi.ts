@@ -100,7 +100,11 @@ export class RawIscsiClient {
   framingError: Error | undefined;
   closed = false;
   closedAt = 0;
-  readonly openedAt = Date.now();
+  /**
+   * Taken before the TCP connect starts, so no later than the target's accept: a lifetime measured
+   * from here is never shorter than the target's own timers, however late the connect callback runs.
+   */
+  readonly openedAt: number;
   /** Digests of what we send, and of what we expect to receive. */
   digests: DigestSettings = { headerDigest: false, dataDigest: false };
   isid: Buffer = randomIsid();
@@ -119,7 +123,11 @@ export class RawIscsiClient {
   private recvLimit = 262_144;
   private writeError: Error | undefined;
 
-  private constructor(readonly socket: net.Socket) {
+  private constructor(
+    readonly socket: net.Socket,
+    openedAt: number,
+  ) {
+    this.openedAt = openedAt;
     socket.setNoDelay(true);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', (err) => {
@@ -135,11 +143,12 @@ export class RawIscsiClient {
   /** Opens a TCP connection. `allowHalfOpen` keeps our side writable after the target's FIN. */
   static connect(host: string, port: number, opts: { allowHalfOpen?: boolean; localAddress?: string } = {}): Promise<RawIscsiClient> {
     return new Promise((resolve, reject) => {
+      const openedAt = Date.now();
       const socket = net.connect({ host, port, allowHalfOpen: opts.allowHalfOpen ?? false, localAddress: opts.localAddress });
       socket.once('error', reject);
       socket.once('connect', () => {
         socket.off('error', reject);
-        resolve(new RawIscsiClient(socket));
+        resolve(new RawIscsiClient(socket, openedAt));
       });
     });
   }
