@@ -62,6 +62,7 @@ import { writeDetourConfig } from '../test/helpers/detour-config.ts';
 import { Tgtd, type TgtTarget } from '../test/helpers/tgtd.ts';
 import {
   BLOCK_SIZE,
+  busyCpuSeconds,
   cpuTimes,
   DetourServer,
   flushDirtyPages,
@@ -71,6 +72,7 @@ import {
   median,
   pad,
   prefill,
+  processCpuSeconds,
   qemuImgBench,
   QUEUE_DEPTH,
   readCapacity,
@@ -663,16 +665,28 @@ async function copySection(ctx: Context, d: Detour): Promise<void> {
       checkInterrupted();
       try {
         await flushDirtyPages();
+        const cpuBefore = cpuTimes();
+        const tgtdBefore = processCpuSeconds(ctx.tgtd?.proc.pid);
+        const detourBefore = processCpuSeconds(d.pid);
         if (p === 'detour') {
           const r = await fullBackup(d, `bench-copy-${rep + 1}`, opts.size);
+          const gb = opts.size / 1e9;
+          const perGB = busyCpuSeconds(cpuBefore) / gb;
+          const detourPerGB = (processCpuSeconds(d.pid) - detourBefore) / gb;
+          const tgtdPerGB = (processCpuSeconds(ctx.tgtd?.proc.pid) - tgtdBefore) / gb;
           lastCopySeconds = r.copySeconds;
           addSample(results, `copy/detour`, r.copyBytesPerSec / 1e6);
-          line.push(`detour copy ${(r.copyBytesPerSec / 1e6).toFixed(1)} (${r.copySeconds.toFixed(1)} s)`);
+          addSample(results, `copy-cpu/detour`, perGB);
+          line.push(
+            `detour copy ${(r.copyBytesPerSec / 1e6).toFixed(1)} (${r.copySeconds.toFixed(1)} s, ${perGB.toFixed(2)} CPU-s/GB: detour ${detourPerGB.toFixed(2)}, tgtd ${tgtdPerGB.toFixed(2)})`,
+          );
         } else {
           const seconds = Math.max(1, Math.round(lastCopySeconds));
           const s = await iscsiPerf(ctx.directUrl, { blocks: 65536 / BLOCK_SIZE, random: false, seconds });
+          const perGB = busyCpuSeconds(cpuBefore) / ((s.bytesPerSec * seconds) / 1e9);
           addSample(results, `copy/direct`, s.bytesPerSec / 1e6);
-          line.push(`iscsi-perf tgtd ${(s.bytesPerSec / 1e6).toFixed(1)} (${seconds} s)`);
+          addSample(results, `copy-cpu/direct`, perGB);
+          line.push(`iscsi-perf tgtd ${(s.bytesPerSec / 1e6).toFixed(1)} (${seconds} s, ${perGB.toFixed(2)} CPU-s/GB)`);
         }
       } catch (err) {
         if (interrupt.signal.aborted) throw err;
@@ -1008,6 +1022,16 @@ function report(opts: Options, results: Results, profiled: Map<number, string>):
       `SHA-256 on one thread of this CPU: ${(results.sha256PerSec / 1e6).toFixed(0)} MB/s. The copy hashes every byte twice (each chunk's SHA-256 and the image's), ` +
         `${hashCoreSeconds.toFixed(2)} core-seconds for the ${fmtSize(opts.size)} LUN; a copy at 90% of the reference takes ${goalSeconds.toFixed(2)} s, ` +
         `${(cores * goalSeconds).toFixed(2)} core-seconds on ${cores} CPUs, which must also carry tgtd's sending and detour's receiving and writing.`,
+    );
+  }
+  const copyCpu = med('copy-cpu/detour');
+  const refCpu = med('copy-cpu/direct');
+  if (Number.isFinite(copyCpu) && Number.isFinite(refCpu)) {
+    const cores = os.cpus().length;
+    console.log(
+      `CPU time of the whole host per GB (all processes and the kernel, steal left out): detour's backup ${copyCpu.toFixed(2)} s (the copy, and the switch-in and drain around it), ` +
+        `iscsi-perf reading tgtd ${refCpu.toFixed(2)} s. At that cost ${cores} CPUs carry at most ${((cores / copyCpu) * 1e3).toFixed(0)} MB/s of backup copy, ` +
+        `${pct(cores / copyCpu / (copyRef / 1e3))} of the reference.`,
     );
   }
   if (results.journal && opts.sections.has('capture')) {

@@ -172,15 +172,28 @@ export async function readCapacity(url: string): Promise<{ blockSize: number; by
 export interface CpuTimes {
   total: number;
   steal: number;
+  /** idle and iowait. */
+  idle: number;
 }
 
 export function cpuTimes(): CpuTimes {
   try {
     const fields = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
-    return { total: fields.reduce((a, b) => a + b, 0), steal: fields[7] ?? 0 };
+    return { total: fields.reduce((a, b) => a + b, 0), steal: fields[7] ?? 0, idle: (fields[3] ?? 0) + (fields[4] ?? 0) };
   } catch {
-    return { total: 0, steal: 0 };
+    return { total: 0, steal: 0, idle: 0 };
   }
+}
+
+/** USER_HZ: Linux reports 100 ticks per second to user space on every architecture it runs on. */
+const TICKS_PER_SECOND = 100;
+
+/**
+ * CPU seconds the whole host spent working between two readings (all CPUs, all processes: the
+ * target, detour, the initiator and the kernel on their behalf), steal left out.
+ */
+export function busyCpuSeconds(from: CpuTimes, to: CpuTimes = cpuTimes()): number {
+  return (to.total - from.total - (to.idle - from.idle) - (to.steal - from.steal)) / TICKS_PER_SECOND;
 }
 
 /** The highest steal of any rep so far, for stealWarning(). */
@@ -302,6 +315,19 @@ export async function stopProcess(p: ChildProcess | undefined, graceMs: number):
 }
 
 /** The highest resident set size the process has had (VmHWM), in bytes. */
+/** CPU seconds a process has used so far, user and system, all its threads (0 once it is gone). */
+export function processCpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return 0;
+  try {
+    // The fields after the command name, which may itself hold spaces and parentheses.
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / TICKS_PER_SECOND;
+  } catch {
+    return 0;
+  }
+}
+
 export function vmHwmBytes(pid: number): number {
   const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   if (!m) throw new Error(`no VmHWM in /proc/${pid}/status`);

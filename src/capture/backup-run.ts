@@ -156,10 +156,12 @@ const MAIN_COMMAND_BYTES = 64 * 1024;
 /** Chunks the copier reads at once (copyQueueDepth), each in READs of MAIN_COMMAND_BYTES. */
 const DEFAULT_COPY_QUEUE_DEPTH = 8;
 /**
- * READs the copier keeps in flight to main, shared among the chunks it reads at once: as deep a
- * queue as a benchmark reads tgtd with, without flooding its command window.
+ * READs the copier keeps in flight to main, shared among the chunks it reads at once. A deep queue
+ * lets tgtd take more commands per wakeup: copying a 1 GiB LUN it used 1.4-1.8 CPU-seconds per GB
+ * at 128 in flight, 1.9-2.3 at 64 and 2.6 at 32, and the copy went 375, 350 and 290 MB/s (medians;
+ * 256 was no better). An initiator's read of the frozen volume queues behind at most these 8 MiB.
  */
-const COPY_READS_IN_FLIGHT = 64;
+const COPY_READS_IN_FLIGHT = 128;
 /** One command of a drain round: blocks [lba, lba+blocks) of the volume, gathered from map extents. */
 interface DrainJob {
   lba: number;
