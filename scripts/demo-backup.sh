@@ -315,13 +315,15 @@ if tgt_connections | grep -q "^$QEMU_INITIATOR $MAIN_HOST\$"; then die "during c
 # fio: two 4 KiB and two 64 KiB random read/write jobs, each in its own region, crc32c-verified
 # while they run (verify_backlog: time_based jobs skip the final verify pass). Each job logs its
 # I/O (write_iolog), so the last version of every block it wrote can be checked on tgtd's file
-# afterwards. The trigger file ends the run once the backup is over; the runtime is a safety cap.
+# afterwards. The trigger file ends the run once the backup is over; the runtime is only a safety
+# cap, as long as the wait for the backup below (1500 polls of at least 0.2 s), so a slow host
+# makes the demo slow rather than failed.
 # fio runs as fast as it can: the drain has to converge while a workload writes at full speed (the
 # drain merges touching extents, and holds the initiators' writes back if it still falls behind).
 # DETOUR_DEMO_FIO_IOPS caps each job at that many I/Os per second (a gentler server); 0 = no cap.
 FIO_COMMON=(--ioengine=nbd "--uri=$NBD_URI" --rw=randrw --rwmixread=30 --iodepth=8
   --verify=crc32c --verify_fatal=1 --verify_backlog=256 --verify_state_save=0 --serialize_overlap=1
-  --time_based --runtime=75 "--trigger-file=$WORK/fio-stop" --output-format=json
+  --time_based --runtime=600 "--trigger-file=$WORK/fio-stop" --output-format=json
   "--rate_iops=${DETOUR_DEMO_FIO_IOPS:-0}")
 FIO_JOBS=(rw4k-0:4k:0:8M rw4k-1:4k:8M:8M rw64k-0:64k:32M:16M rw64k-1:64k:48M:16M)
 FIO_ARGS=()
