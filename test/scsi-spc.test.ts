@@ -207,6 +207,22 @@ describe('INQUIRY', () => {
     expect(d.readUInt32BE(44)).toBe(0); // no atomic writes
   });
 
+  it('a configured maximum transfer length is stated (optimal no larger) and enforced, one block past it refused', async () => {
+    const small = await makeTarget([{ file: path.join(dir, 'small.img'), size: 1 << 20, maxTransferBytes: 8192 }]);
+    try {
+      await login(A, small);
+      const d = data(await exec(inquiry(1, 0xb0, 255), { on: small }));
+      expect(d.readUInt32BE(8)).toBe(16);
+      expect(d.readUInt32BE(12)).toBe(16);
+      // READ(10) of 16 blocks, then of 17.
+      expect((await exec([0x28, 0, 0, 0, 0, 0, 0, 0, 16, 0], { on: small, dataInLength: 8192 })).status).toBe(0);
+      expectCheck(await exec([0x28, 0, 0, 0, 0, 0, 0, 0, 17, 0], { on: small, dataInLength: 8704 }), 0x5, 0x24, 0x00);
+    } finally {
+      await small.close();
+    }
+    await expect(makeTarget([{ file: path.join(dir, 'bad.img'), size: 1 << 20, maxTransferBytes: 100 }])).rejects.toThrow(/maxTransferBytes/);
+  });
+
   it('reports a non-rotating medium and thin provisioning with zeroed unmapped blocks', async () => {
     const b1 = data(await exec(inquiry(1, 0xb1, 255)));
     expect(b1.readUInt16BE(2)).toBe(0x3c);

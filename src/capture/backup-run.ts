@@ -848,7 +848,7 @@ export class BackupRun {
    * after a success.
    */
   private async readMainInto(lba: number, blocks: number, buf: Buffer, parallel = Infinity): Promise<Buffer> {
-    const maxBlocks = Math.max(1, Math.floor(MAIN_COMMAND_BYTES / this.blockSize));
+    const maxBlocks = this.mainCommandBlocks;
     const bs = this.blockSize;
     let o = 0;
     const parts = Math.ceil(blocks / maxBlocks);
@@ -997,22 +997,22 @@ export class BackupRun {
     return bytes;
   }
 
-  /** Largest plain WRITE the drain sends: MAIN_COMMAND_BYTES, or less if main's Block Limits say so. */
-  private get drainWriteBlocks(): number {
+  /** Largest READ or plain WRITE detour sends main: MAIN_COMMAND_BYTES, or less if main's Block Limits say so. */
+  private get mainCommandBlocks(): number {
     const most = Math.max(1, Math.floor(MAIN_COMMAND_BYTES / this.blockSize));
     return this.mainMaxTransferBlocks > 0 ? Math.min(most, this.mainMaxTransferBlocks) : most;
   }
 
   /**
    * Cuts a round's extents (sorted by LBA, never overlapping) into commands for main. Extents that
-   * are adjacent on the volume go out as one WRITE up to drainWriteBlocks, whichever records they
+   * are adjacent on the volume go out as one WRITE up to mainCommandBlocks, whichever records they
    * come from: a random small-write workload over a bounded region leaves the map full of touching
    * 4 KiB extents, and one WRITE per extent would cap the drain at main's command rate, below what
    * the initiators can write, so the backup would never cut over. A write-same or unmap extent goes
    * alone, as WRITE SAME, while main takes it (one block of data for a long range).
    */
   private drainJobs(extents: readonly MapExtent[]): DrainJob[] {
-    const maxBlocks = this.drainWriteBlocks;
+    const maxBlocks = this.mainCommandBlocks;
     const jobs: DrainJob[] = [];
     let open: DrainJob | undefined;
     for (const e of extents) {
@@ -1045,7 +1045,7 @@ export class BackupRun {
       const { e, off, n } = job.pieces[0]!;
       if (this.mainWriteSame && (await this.writeSameToMain(journal, e, e.location.kind, job.lba, n))) return n * this.blockSize;
       // Refused: the same range as plain writes.
-      const maxBlocks = this.drainWriteBlocks;
+      const maxBlocks = this.mainCommandBlocks;
       for (let o = 0; o < n; o += maxBlocks) {
         const m = Math.min(maxBlocks, n - o);
         await this.drainWrite(journal, { lba: job.lba + o, blocks: m, pieces: [{ e, off: off + o, n: m }], same: false });

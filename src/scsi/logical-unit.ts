@@ -28,6 +28,11 @@ export interface LogicalUnitConfig {
   revision?: string;
   /** Present the unit write-protected and open the image read-only. */
   readOnly?: boolean;
+  /**
+   * Largest READ or WRITE in bytes (Block Limits MAXIMUM TRANSFER LENGTH; longer ones get INVALID
+   * FIELD IN CDB). Default 64 MiB. A smaller one stands in for a target that states a low limit.
+   */
+  maxTransferBytes?: number;
 }
 
 /** A CHECK CONDITION the handlers raise; the dispatcher turns it into sense data. */
@@ -238,9 +243,14 @@ export class LogicalUnit {
     // One command moves at most 64 MiB: bounded memory per command, and bounded latency for the
     // commands that zero or compare ranges without moving data.
     const maxBlocks = Math.floor((64 << 20) / bs);
+    const maxTransfer = config.maxTransferBytes ?? 64 << 20;
+    if (!Number.isSafeInteger(maxTransfer) || maxTransfer < bs || maxTransfer > 64 << 20) {
+      throw new RangeError(`maxTransferBytes must be from one block (${bs}) to 64 MiB, got ${maxTransfer}`);
+    }
     this.limits = {
-      maxTransferBlocks: maxBlocks,
-      optimalTransferBlocks: Math.max(1, Math.floor((1 << 20) / bs)),
+      maxTransferBlocks: Math.floor(maxTransfer / bs),
+      // SBC: never above the maximum.
+      optimalTransferBlocks: Math.max(1, Math.floor(Math.min(1 << 20, maxTransfer) / bs)),
       optimalTransferGranularity: Math.max(1, 4096 / bs),
       maxCompareAndWriteBlocks: 255,
       maxWriteSameBlocks: maxBlocks,
