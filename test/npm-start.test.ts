@@ -149,6 +149,12 @@ describe('npm start, as a new user runs it', () => {
     });
     await Promise.race([Promise.all([waitForPort('127.0.0.2', 3260, 60_000), waitForPort('127.0.0.1', 9270, 60_000)]), early]);
     early.catch(() => {});
+    // The banner is written once the API listens, and reaches us through a pipe a moment after the
+    // ports answer: on a busy host that moment was long enough for the first test to miss it.
+    const bannerBy = Date.now() + 30_000;
+    while (!output.includes('detour is running on embedded defaults.') && Date.now() < bannerBy && npm.exitCode === null) {
+      await new Promise((r) => setTimeout(r, 50));
+    }
   }, 120_000);
 
   afterAll(async () => {
