@@ -666,9 +666,9 @@ async function copySection(ctx: Context, d: Detour): Promise<void> {
       try {
         await flushDirtyPages();
         const cpuBefore = cpuTimes();
-        const tgtdBefore = processCpuSeconds(ctx.tgtd?.proc.pid);
-        const detourBefore = processCpuSeconds(d.pid);
         if (p === 'detour') {
+          const tgtdBefore = processCpuSeconds(ctx.tgtd?.proc.pid);
+          const detourBefore = processCpuSeconds(d.pid);
           const r = await fullBackup(d, `bench-copy-${rep + 1}`, opts.size);
           const gb = opts.size / 1e9;
           const perGB = busyCpuSeconds(cpuBefore) / gb;

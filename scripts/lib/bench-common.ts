@@ -314,7 +314,6 @@ export async function stopProcess(p: ChildProcess | undefined, graceMs: number):
   clearTimeout(timer);
 }
 
-/** The highest resident set size the process has had (VmHWM), in bytes. */
 /** CPU seconds a process has used so far, user and system, all its threads (0 once it is gone). */
 export function processCpuSeconds(pid: number | undefined): number {
   if (pid === undefined) return 0;
@@ -328,6 +327,7 @@ export function processCpuSeconds(pid: number | undefined): number {
   }
 }
 
+/** The highest resident set size the process has had (VmHWM), in bytes. */
 export function vmHwmBytes(pid: number): number {
   const m = /^VmHWM:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   if (!m) throw new Error(`no VmHWM in /proc/${pid}/status`);

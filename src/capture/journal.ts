@@ -666,6 +666,11 @@ interface CommitGroup {
   readonly pad: number;
 }
 
+/** Bytes record `i` of a group takes on disk: the last one also carries the group's padding. */
+function recordSpan(group: CommitGroup, i: number): number {
+  return group.records[i]!.recordBytes + (i === group.records.length - 1 ? group.pad : 0);
+}
+
 interface Unreflected {
   readonly seq: number;
   readonly lba: number;
@@ -1073,7 +1078,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     bytes += pad;
     const group: CommitGroup = { seg, records, start: seg.written, bytes, pad };
     seg.written += bytes;
-    const iov = this.recordImages(records, pad);
+    const iov = this.recordImages(group);
     this.committing = group;
     this.stats.bytesWritten += bytes;
     const file = seg.file;
@@ -1111,18 +1116,19 @@ export class Journal extends EventEmitter<JournalEvents> {
   }
 
   /** Header, data and padding of each record of a commit group, headers filled in now. */
-  private recordImages(records: Pending[], groupPad: number): Uint8Array[] {
+  private recordImages(group: CommitGroup): Uint8Array[] {
+    const { records } = group;
     const groupFirst = records[0]!.seq;
     const headers = Buffer.alloc(records.length * HEADER_BYTES);
     const iov: Uint8Array[] = [];
     for (let i = 0; i < records.length; i++) {
       const p = records[i]!;
       const h = headers.subarray(i * HEADER_BYTES, (i + 1) * HEADER_BYTES);
-      const extra = i === records.length - 1 ? groupPad : 0;
-      this.fillHeader(h, p, groupFirst, p.recordBytes + extra);
+      const span = recordSpan(group, i);
+      this.fillHeader(h, p, groupFirst, span);
       iov.push(h);
       if (p.data) iov.push(p.data);
-      const pad = p.recordBytes + extra - HEADER_BYTES - p.dataBytes;
+      const pad = span - HEADER_BYTES - p.dataBytes;
       if (pad > 0) iov.push(ZERO_PAD.subarray(0, pad));
     }
     return iov;
@@ -1145,7 +1151,7 @@ export class Journal extends EventEmitter<JournalEvents> {
         kind: p.kind,
         location: { segment: seg.id, offset: offset + HEADER_BYTES, kind: p.kind, blocks: p.blocks },
       };
-      offset += p.recordBytes + (i === records.length - 1 ? group.pad : 0);
+      offset += recordSpan(group, i);
       seg.size = offset;
       seg.lastSeq = p.seq;
       this.durable = p.seq;
