@@ -19,6 +19,7 @@ import type { BackupObject } from '../src/control/model.ts';
 import type { ScsiOutcome, ScsiTask } from '../src/scsi/task.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { writeDetourConfig } from './helpers/detour-config.ts';
+import { sha256Hex } from './helpers/files.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 import { regressions, runIscsiTestCu, type ConformanceRun } from './helpers/cunit.ts';
 
@@ -38,7 +39,6 @@ let portalPort: number;
 let api: string;
 let direct: ConformanceRun | undefined;
 
-const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
 beforeAll(async () => {
   // Random contents, so that a read served from the wrong place (main instead of the journal, or
@@ -122,7 +122,7 @@ describe('iscsi-test-cu --dataloss against a volume in capture', () => {
     expect(copying.error).toBeNull();
     expect(CAPTURE_PHASES).toContain(copying.phase);
     // From here on main is frozen: nothing but the copy touches it until the journal is drained.
-    const frozen = sha(fs.readFileSync(mainFile));
+    const frozen = sha256Hex(fs.readFileSync(mainFile));
 
     const run = await runIscsiTestCu(`iscsi://127.0.0.2:${portalPort}/${MAIN_IQN}/1`, { timeoutMs: RUN_TIMEOUT });
 
@@ -133,7 +133,7 @@ describe('iscsi-test-cu --dataloss against a volume in capture', () => {
     expect(after.bytesCopied).toBeLessThan(after.bytesTotal);
     // The suite's writes went to the journal, none to main.
     expect(after.journal.records).toBeGreaterThan(100);
-    expect(sha(fs.readFileSync(mainFile))).toBe(frozen);
+    expect(sha256Hex(fs.readFileSync(mainFile))).toBe(frozen);
 
     const lost = regressions(direct!, run);
     console.log(`detour in capture (${after.phase}, journal ${after.journal.records} records): ${run.passed} of ${run.results.size} passed (tgtd directly: ${direct!.passed})`);
@@ -148,8 +148,8 @@ describe('iscsi-test-cu --dataloss against a volume in capture', () => {
     await apiJson('POST', `/v1/backups/${id}/cancel`, 202);
     const ended = await waitForBackup(id, (b) => b.state !== 'running', 300_000, 'the cancelled backup to end');
     expect(ended.state).toBe('cancelled');
-    expect(sha(fs.readFileSync(mainFile))).toBe(sha(view));
-    expect(sha(view)).not.toBe(frozen);
+    expect(sha256Hex(fs.readFileSync(mainFile))).toBe(sha256Hex(view));
+    expect(sha256Hex(view)).not.toBe(frozen);
   }, RUN_TIMEOUT + 600_000);
 });
 

@@ -10,7 +10,9 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { InitiatorSession } from '../src/back/index.ts';
 import { validateConfig } from '../src/control/config.ts';
 import { startProxy, type RunningProxy } from '../src/control/serve.ts';
+import { sha256Hex } from './helpers/files.ts';
 import { freePort } from './helpers/ports.ts';
+import { waitUntil } from './helpers/wait.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
 const IQN = 'iqn.2026-11.test:capture';
@@ -32,15 +34,7 @@ afterEach(async () => {
   tgtd = undefined;
 });
 
-const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
-async function waitFor(pred: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 for (const topology of ['proxy-directed', 'main-directed'] as const) {
   describe(`backup cycle, ${topology}`, () => {
@@ -77,7 +71,7 @@ for (const topology of ['proxy-directed', 'main-directed'] as const) {
       expect(started.state).toBe('running');
       const id = started.id;
       // As the acceptance says: the workload starts as soon as the copy does.
-      await waitFor(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
+      await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
       expect(engine.getBackup(id)!.error).toBeNull();
 
       const model = Buffer.from(original);
@@ -102,10 +96,10 @@ for (const topology of ['proxy-directed', 'main-directed'] as const) {
         }
       })();
 
-      await waitFor(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to finish');
+      await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to finish');
       const writesAtEnd = writes;
       // Keep writing a little after the cutover: those go to main directly.
-      await waitFor(() => writes >= writesAtEnd + 20 || writeError !== undefined, 20_000, 'writes after cutover');
+      await waitUntil(() => writes >= writesAtEnd + 20 || writeError !== undefined, 20_000, 'writes after cutover');
       stop = true;
       await writer;
       expect(writeError).toBeUndefined();
@@ -119,13 +113,13 @@ for (const topology of ['proxy-directed', 'main-directed'] as const) {
       // The backup is the volume at the freeze: the original bytes.
       const restored = path.join(work, 'restored.img');
       await engine.store.restoreToFile(id, restored);
-      expect(sha(fs.readFileSync(restored))).toBe(sha(original));
-      expect(b.sha256).toBe(sha(original));
+      expect(sha256Hex(fs.readFileSync(restored))).toBe(sha256Hex(original));
+      expect(b.sha256).toBe(sha256Hex(original));
 
       // Main holds every acknowledged write; the initiator is back on main.
-      await waitFor(() => initiator!.connectedPortal === tgtd!.portal, 10_000, 'the initiator back on main');
+      await waitUntil(() => initiator!.connectedPortal === tgtd!.portal, 10_000, 'the initiator back on main');
       await initiator.logout();
-      expect(sha(fs.readFileSync(lunFile))).toBe(sha(model));
+      expect(sha256Hex(fs.readFileSync(lunFile))).toBe(sha256Hex(model));
     }, 120_000);
   });
 }

@@ -390,8 +390,9 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
       recs.push(...(await Promise.all(round)));
     }
     expect(control.writes.length).toBe(6);
-    for (let i = 0; i < control.writes.length; i++) {
-      const length = control.writes[i]!.reduce((a, b) => a + b.length, 0);
+    const lengths = control.writes.map((iov) => iov.reduce((a, b) => a + b.length, 0));
+    for (let i = 0; i < lengths.length; i++) {
+      const length = lengths[i]!;
       expect(control.positions[i]! % 4096, `group ${i}`).toBe(0);
       expect(length % 4096, `group ${i}`).toBe(0);
       // No more padding than it takes to get there: less than 4 KiB beyond its records.
@@ -400,7 +401,7 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
       const unpadded = inGroup.reduce((a, r) => a + 512 + r.blocks * 512, 0);
       expect(length - unpadded, `group ${i}`).toBeGreaterThanOrEqual(0);
       expect(length - unpadded, `group ${i}`).toBeLessThan(4096);
-      if (i > 0) expect(control.positions[i]).toBe(control.positions[i - 1]! + control.writes[i - 1]!.reduce((a, b) => a + b.length, 0));
+      if (i > 0) expect(control.positions[i]).toBe(control.positions[i - 1]! + lengths[i - 1]!);
     }
     const [seg] = await segmentFiles(dir);
     expect((await stat(path.join(dir, seg!))).size % 4096).toBe(0);

@@ -13,7 +13,9 @@ import { validateConfig } from '../src/control/config.ts';
 import { startProxy, type RunningProxy } from '../src/control/serve.ts';
 import { Portal } from '../src/front/portal.ts';
 import { EmbeddedTarget } from '../src/scsi/embedded-target.ts';
+import { sha256Hex } from './helpers/files.ts';
 import { freePort } from './helpers/ports.ts';
+import { waitUntil } from './helpers/wait.ts';
 
 const IQN = 'iqn.2026-12.test:small-transfers';
 const SIZE = 16 << 20;
@@ -26,15 +28,7 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 
-async function waitFor(pred: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 describe('a main target with a small maximum transfer length', () => {
   it('copy, capture-view reads and drain stay within it; the backup is the volume at the freeze and main gets every write', async () => {
@@ -67,7 +61,7 @@ describe('a main target with a small maximum transfer length', () => {
 
     const engine = proxy.engine;
     const { id } = await engine.startBackup('vol1', { label: 'limits' });
-    await waitFor(() => engine.getBackup(id)!.phase !== 'switching' || engine.getBackup(id)!.state !== 'running', 30_000, 'the copy to start');
+    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching' || engine.getBackup(id)!.state !== 'running', 30_000, 'the copy to start');
     expect(engine.getBackup(id)!.error).toBeNull();
     expect(engine.getBackup(id)!.phase).toBe('copying');
 
@@ -88,18 +82,18 @@ describe('a main target with a small maximum transfer length', () => {
       [0, 16],
     ] as const) {
       const got = await initiator.read(1, lba, blocks, BS);
-      expect(sha(got), `capture view at ${lba}`).toBe(sha(model.subarray(lba * BS, (lba + blocks) * BS)));
+      expect(sha256Hex(got), `capture view at ${lba}`).toBe(sha256Hex(model.subarray(lba * BS, (lba + blocks) * BS)));
     }
 
-    await waitFor(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
     const b = engine.getBackup(id)!;
     expect(b.error).toBeNull();
     expect(b.state).toBe('completed');
     expect(b.phase).toBe('done');
     const restored = path.join(work, 'restored.img');
     await engine.store.restoreToFile(id, restored);
-    expect(sha(fs.readFileSync(restored))).toBe(sha(original));
+    expect(sha256Hex(fs.readFileSync(restored))).toBe(sha256Hex(original));
     initiator.close();
-    expect(sha(fs.readFileSync(lunFile))).toBe(sha(model));
+    expect(sha256Hex(fs.readFileSync(lunFile))).toBe(sha256Hex(model));
   }, 120_000);
 });

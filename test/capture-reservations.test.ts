@@ -18,7 +18,9 @@ import { interruptedBackupFile, readInterruptedBackup } from '../src/capture/bac
 import { parseReadReservation, PrType } from '../src/capture/reservations.ts';
 import { InlineDevice } from '../src/proxy/inline-device.ts';
 import type { ItNexus, ScsiTask } from '../src/scsi/task.ts';
+import { sha256Hex } from './helpers/files.ts';
 import { freePort } from './helpers/ports.ts';
+import { waitUntil } from './helpers/wait.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
 const IQN = 'iqn.2026-11.test:reserved';
@@ -33,16 +35,8 @@ afterEach(async () => {
   for (const f of stops.splice(0).reverse()) await f();
 });
 
-const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function waitFor(pred: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 /** A command past the unit attention a new nexus gets once from tgtd. */
 async function command(s: InitiatorSession, cdb: Buffer, opts: { dataOut?: Buffer; dataInLength?: number } = {}): Promise<ScsiResult> {
@@ -203,15 +197,15 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
 
     const engine = r.proxy.engine;
     const { id } = await engine.startBackup('vol1', { label: 'we' });
-    await waitFor(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
+    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
     expect(engine.getBackup(id)!.error).toBeNull();
     const model = Buffer.from(r.original);
     const w = workload(host, model, 1);
-    await waitFor(() => engine.getBackup(id)!.state !== 'running' || w.st.error !== undefined, 60_000, 'the backup to end');
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running' || w.st.error !== undefined, 60_000, 'the backup to end');
     // Inline: the sessions stay on detour, the writes go on to main through the holder's nexus.
     const atEnd = w.st.writes;
     expect(atEnd).toBeGreaterThan(50);
-    await waitFor(() => w.st.writes >= atEnd + 20 || w.st.error !== undefined, 20_000, 'writes after the cutover');
+    await waitUntil(() => w.st.writes >= atEnd + 20 || w.st.error !== undefined, 20_000, 'writes after the cutover');
     w.st.stop = true;
     await w.done;
     expect(w.st.error).toBeUndefined();
@@ -222,7 +216,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
 
     const restored = path.join(r.work, 'restored.img');
     await engine.store.restoreToFile(id, restored);
-    expect(sha(fs.readFileSync(restored))).toBe(sha(r.original));
+    expect(sha256Hex(fs.readFileSync(restored))).toBe(sha256Hex(r.original));
     // The writes went through the initiator's nexus; reads stayed on detour's own session.
     const writeRoutes = routeLogs(r, 'write');
     expect(writeRoutes.length).toBeGreaterThan(0);
@@ -231,7 +225,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
     // detour took nothing from the holder: the reservation is as the initiator left it.
     expect(await readReservation(host)).toEqual({ key: KEY, type: PrType.WRITE_EXCLUSIVE, scope: 0 });
     await host.logout();
-    expect(sha(fs.readFileSync(r.lunFile))).toBe(sha(model));
+    expect(sha256Hex(fs.readFileSync(r.lunFile))).toBe(sha256Hex(model));
   }, 120_000);
 
   for (const kind of ['Exclusive Access', 'RESERVE(6)'] as const) {
@@ -242,7 +236,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
       expect(host.connectedPortal).toBe(r.tgtd.portal);
       const engine = r.proxy.engine;
       const { id } = await engine.startBackup('vol1', { label: kind });
-      await waitFor(() => engine.getBackup(id)!.phase !== 'switching' && host.connectedPortal === r.detourPortal, 30_000, 'the copy to start with the initiator on detour');
+      await waitUntil(() => engine.getBackup(id)!.phase !== 'switching' && host.connectedPortal === r.detourPortal, 30_000, 'the copy to start with the initiator on detour');
       expect(engine.getBackup(id)!.phase).toBe('copying');
       const KEY = 0xea00_0001n;
       if (kind === 'RESERVE(6)') {
@@ -260,10 +254,10 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
       // Writing stops before the hand-back: once back on main the initiator is a new nexus to
       // tgtd, which ties registrations to the iSCSI session, so its Exclusive Access
       // registration would refuse it there.
-      await waitFor(() => engine.getBackup(id)!.phase === 'cutover' || engine.getBackup(id)!.state !== 'running' || w.st.error !== undefined, 60_000, 'the cutover');
+      await waitUntil(() => engine.getBackup(id)!.phase === 'cutover' || engine.getBackup(id)!.state !== 'running' || w.st.error !== undefined, 60_000, 'the cutover');
       w.st.stop = true;
       await w.done;
-      await waitFor(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+      await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
       expect(w.st.error).toBeUndefined();
       const b = engine.getBackup(id)!;
       expect(b.error).toBeNull();
@@ -273,16 +267,16 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
 
       const restored = path.join(r.work, 'restored.img');
       await engine.store.restoreToFile(id, restored);
-      expect(sha(fs.readFileSync(restored))).toBe(sha(r.original));
-      expect(b.sha256).toBe(sha(r.original));
+      expect(sha256Hex(fs.readFileSync(restored))).toBe(sha256Hex(r.original));
+      expect(b.sha256).toBe(sha256Hex(r.original));
       for (const access of ['read', 'write'] as const) {
         const routes = routeLogs(r, access);
         expect(routes.length, `${access}s rerouted`).toBeGreaterThan(0);
         for (const route of routes) expect(route.startsWith(`${HOST},i,0x`)).toBe(true);
       }
-      await waitFor(() => host.connectedPortal === r.tgtd.portal, 10_000, 'the initiator back on main');
+      await waitUntil(() => host.connectedPortal === r.tgtd.portal, 10_000, 'the initiator back on main');
       await host.logout();
-      expect(sha(fs.readFileSync(r.lunFile))).toBe(sha(model));
+      expect(sha256Hex(fs.readFileSync(r.lunFile))).toBe(sha256Hex(model));
     }, 120_000);
   }
 
@@ -291,7 +285,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
     let host = await r.connect();
     const engine = r.proxy.engine;
     const { id } = await engine.startBackup('vol1', { label: 'holder gone' });
-    await waitFor(() => engine.getBackup(id)!.phase !== 'switching' && host.connectedPortal === r.detourPortal, 30_000, 'the copy to start with the initiator on detour');
+    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching' && host.connectedPortal === r.detourPortal, 30_000, 'the copy to start with the initiator on detour');
     const KEY = 0x90e0_0001n;
     await register(host, KEY);
     await reserve(host, KEY, PrType.WRITE_EXCLUSIVE);
@@ -309,7 +303,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
     // there: no nexus but a preempting registrant can write now.
     await host.logout();
 
-    await waitFor(() => /cannot be drained/.test(engine.getBackup(id)!.error ?? ''), 60_000, 'the drain to report the reservation');
+    await waitUntil(() => /cannot be drained/.test(engine.getBackup(id)!.error ?? ''), 60_000, 'the drain to report the reservation');
     const blocked = engine.getBackup(id)!;
     expect(blocked.state).toBe('running');
     expect(blocked.phase).toBe('draining');
@@ -336,7 +330,7 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
     expect(parked).toMatchObject({ backupId: id, phase: 'draining', handedBack: null });
     expect(fs.existsSync(interruptedBackupFile(r.config.dataDir, 'vol1'))).toBe(true);
     const engine2 = r.proxy.engine;
-    await waitFor(() => /cannot be drained/.test(engine2.getBackup(id)?.error ?? ''), 60_000, 'the resumed drain to report the reservation');
+    await waitUntil(() => /cannot be drained/.test(engine2.getBackup(id)?.error ?? ''), 60_000, 'the resumed drain to report the reservation');
     expect(engine2.getBackup(id)!.state).toBe('running');
     expect(r.proxy.volumes.get('vol1')!.capture).toBeDefined();
     const onMainAfterRestart = fs.readFileSync(r.lunFile);
@@ -349,17 +343,17 @@ describe('backups with a reservation held on the main LUN (tgtd)', () => {
     const KEY2 = 0x90e0_0002n;
     await registerIgnoringKey(host, KEY2);
     await preempt(host, KEY2, KEY, PrType.WRITE_EXCLUSIVE);
-    await waitFor(() => engine2.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    await waitUntil(() => engine2.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
     const b = engine2.getBackup(id)!;
     expect(b.error).toBeNull();
     expect(b.state).toBe('completed');
     expect(r.logs().some((l) => l.msg === 'drain no longer blocked by a reservation')).toBe(true);
     const restored = path.join(r.work, 'restored.img');
     await engine2.store.restoreToFile(id, restored);
-    expect(sha(fs.readFileSync(restored))).toBe(sha(r.original));
-    await waitFor(() => host.connectedPortal === r.tgtd.portal, 10_000, 'the initiator back on main');
+    expect(sha256Hex(fs.readFileSync(restored))).toBe(sha256Hex(r.original));
+    await waitUntil(() => host.connectedPortal === r.tgtd.portal, 10_000, 'the initiator back on main');
     await host.logout();
-    expect(sha(fs.readFileSync(r.lunFile))).toBe(sha(model));
+    expect(sha256Hex(fs.readFileSync(r.lunFile))).toBe(sha256Hex(model));
     expect(fs.existsSync(journalDir)).toBe(false);
     expect(fs.existsSync(interruptedBackupFile(r.config.dataDir, 'vol1'))).toBe(false);
   }, 120_000);

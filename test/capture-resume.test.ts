@@ -18,6 +18,7 @@ import { validateConfig } from '../src/control/config.ts';
 import { startProxy } from '../src/control/serve.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { freePort } from './helpers/ports.ts';
+import { waitUntil } from './helpers/wait.ts';
 import { writeDetourConfig } from './helpers/detour-config.ts';
 import { Tgtd } from './helpers/tgtd.ts';
 
@@ -442,14 +443,6 @@ async function inProcess(volumeExtra: Record<string, unknown>, o: { thinProvisio
   expect(initiator.connectedPortal).toBe(tgtd.portal);
   const logs = () => lines.map((l) => JSON.parse(l) as Record<string, unknown>);
   return { work, lunFile, original, tgtd, proxy, initiator, logs };
-}
-
-async function waitUntil(pred: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 type InProcess = Awaited<ReturnType<typeof inProcess>>;

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 
 /** `length` bytes of a file at `offset`, as a disk reads them: zeros past its end. */
@@ -10,4 +11,9 @@ export function readFileRange(file: string, offset: number, length: number): Buf
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** SHA-256 of `b`, in hex. */
+export function sha256Hex(b: Uint8Array): string {
+  return createHash('sha256').update(b).digest('hex');
 }
