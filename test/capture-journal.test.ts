@@ -442,6 +442,8 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
     const dir = await tempDir();
     const { fs, control } = durableFs();
     const j = await openJournal(dir, { fs });
+    const failures: JournalFailedError[] = [];
+    j.on('failed', (err) => failures.push(err));
     const ok = await Promise.all([1, 2].map((s) => j.append({ lba: s, blocks: 1, data: pattern(s, 512) })));
     const g = gate();
     control.hold = g.promise;
@@ -456,6 +458,11 @@ describe('Journal commit groups on the real file system (O_DSYNC)', () => {
     for (const r of settled) expect((r as PromiseRejectedResult).reason).toBeInstanceOf(JournalFailedError);
     expect(j.durableSeq).toBe(2);
     await expect(j.append({ lba: 6, blocks: 1, data: pattern(6, 512) })).rejects.toBeInstanceOf(JournalFailedError);
+    // The owner hears of it once, and can tell afterwards; the refused records are nobody's to wait for.
+    expect(failures).toHaveLength(1);
+    expect(failures[0]!.message).toMatch(/EIO: i\/o error/);
+    expect(j.failed).toBe(failures[0]);
+    for (const lba of [3, 4, 5, 6]) expect(j.unreflectedOverlapping(lba, 1)).toBeUndefined();
     expect((await j.readData(ok[1]!.location)).equals(pattern(2, 512))).toBe(true);
     await j.close();
     const { j: r, recs } = await reopen(dir);

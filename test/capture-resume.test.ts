@@ -406,9 +406,20 @@ const BS = 512;
 const SMALL = 32 * MiB;
 
 /** tgtd with a LUN of random data, detour in process (proxy-directed), an initiator on detour's portal. */
-async function inProcess(volumeExtra: Record<string, unknown>, o: { thinProvisioning?: boolean; journalCapacity?: number } = {}) {
+async function inProcess(volumeExtra: Record<string, unknown>, o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number } = {}) {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-capture-gaps-'));
   stops.push(async () => fs.rmSync(work, { recursive: true, force: true }));
+  if (o.dataDirBytes !== undefined) {
+    // A file system of its own, as small as asked: the disk really fills up (ENOSPC).
+    const dataDir = path.join(work, 'data');
+    fs.mkdirSync(dataDir);
+    try {
+      await run('mount', ['-t', 'tmpfs', '-o', `size=${o.dataDirBytes}`, 'tmpfs', dataDir]);
+    } catch (err) {
+      throw new Error(`this test mounts a small tmpfs as the data directory, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
+    }
+    stops.push(() => run('umount', ['-l', dataDir]));
+  }
   const lunFile = path.join(work, 'main.img');
   const original = crypto.randomBytes(SMALL);
   fs.writeFileSync(lunFile, original);
@@ -505,6 +516,84 @@ describe('capture gaps, in process against tgtd', () => {
     expect(writes).toBe(24);
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
     console.log(`journalCapacity 8M: backup given up after ${writesWhileCapturing} writes of 1 MiB during the capture; slowest write ${slowest.ms} ms`);
+  }, 120_000);
+
+  it('journal disk full during the copy: no write fails, the backup fails saying why, every write reaches main, the session goes back', async () => {
+    // Room for the image (SMALL) and a few MiB of journal: the journal runs out of disk first.
+    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: SMALL + 8 * MiB });
+    const engine = proxy.engine;
+    const id = await startCopying(engine, { label: 'disk full' });
+    const journalDir = path.join(work, 'data', 'volumes', 'vol1', 'journal', id);
+    expect(fs.existsSync(journalDir)).toBe(true);
+
+    const model = Buffer.from(original);
+    const journalFailed = () => logs().some((l) => l.msg === 'journal failed: it takes no more writes');
+    let writes = 0;
+    let afterFailure = 0;
+    // 1 MiB writes until the journal has failed and a few more have gone through after that.
+    for (let i = 0; i < 200 && afterFailure < 4; i++) {
+      const lba = (i % 30) * 2048 + 3;
+      const data = crypto.randomBytes(MiB);
+      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
+      let r = await initiator.command(1, cdb, { dataOut: data });
+      // The move to detour, and the move back, are each a new I_T nexus on main: one UNIT ATTENTION.
+      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      expect(r.status, `write ${i}: sense ${r.sense?.toString('hex')}`).toBe(0);
+      data.copy(model, lba * BS);
+      writes++;
+      if (journalFailed()) afterFailure++;
+    }
+    expect(journalFailed()).toBe(true);
+    expect(logs().find((l) => l.msg === 'journal failed: it takes no more writes')!.err).toMatch(/ENOSPC/);
+
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+    const b = engine.getBackup(id)!;
+    expect(b.state).toBe('failed');
+    expect(b.error).toMatch(/^the journal could not write \(ENOSPC[^)]*\) before the copy finished; the backup was given up and the journal drained to the main volume$/);
+    expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
+    await logoutOnceBackOnMain(initiator);
+    // Every write, those the journal took and those it refused, is on main, once.
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    // All on main: a restart has nothing to replay, and the space is free again.
+    expect(fs.existsSync(journalDir)).toBe(false);
+    console.log(`journal disk full: ${writes} writes of 1 MiB, all GOOD, ${afterFailure} of them after the journal failed`);
+  }, 120_000);
+
+  it('journal disk full after the copy: the image is whole, so detour cuts over at once; the backup completes and no write fails', async () => {
+    // The finished image fills all but 3 MiB, and the drain is slow: the journal fills up while it drains.
+    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ drainRateLimit: '1M' }, { dataDirBytes: SMALL + 3 * MiB });
+    const engine = proxy.engine;
+    const { id } = await engine.startBackup('vol1', { label: 'disk full while draining' });
+    const journalDir = path.join(work, 'data', 'volumes', 'vol1', 'journal', id);
+    const model = Buffer.from(original);
+    const journalFailed = () => logs().some((l) => l.msg === 'journal failed: it takes no more writes');
+    const write = async (i: number) => {
+      const lba = (i % 30) * 2048 + 5;
+      const data = crypto.randomBytes(MiB);
+      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
+      let r = await initiator.command(1, cdb, { dataOut: data });
+      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      expect(r.status, `write ${i}: sense ${r.sense?.toString('hex')}`).toBe(0);
+      data.copy(model, lba * BS);
+    };
+    // A first write gives the slow drain a second of work; then the writes go on until the journal fails.
+    await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
+    await write(0);
+    await waitUntil(() => engine.getBackup(id)!.phase !== 'copying', 30_000, 'the copy to end');
+    expect(engine.getBackup(id)!.phase).toBe('draining');
+    let after = 0;
+    for (let i = 1; i < 200 && after < 3; i++) {
+      await write(i);
+      if (journalFailed()) after++;
+    }
+    expect(journalFailed()).toBe(true);
+    expect(logs().some((l) => l.msg === 'journal failed after the copy: cutting over now')).toBe(true);
+
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+    expectCompletedWithImageOf(engine, id, original);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(fs.existsSync(journalDir)).toBe(false);
   }, 120_000);
 
   it('drains WRITE SAME and UNMAP records as WRITE SAME(16) (UNMAP bit: tgtd reads unmapped blocks as zeros), and main ends up as the capture view showed', async () => {

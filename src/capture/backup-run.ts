@@ -621,6 +621,19 @@ export class BackupRun {
       }
     };
     j.on('high-water', onHighWater);
+    // A journal that cannot write (a full or failing disk) takes no more writes. Its acknowledged
+    // records are still readable, and still owed to main. Before the copy is done the backup
+    // cannot finish: it is given up like at the high-water mark. After it, the image is whole:
+    // the drain loop cuts over at once (drainUntilCutover). Either way the writes the journal
+    // refused are not failed to the initiator: the volume holds them and sends them to main once
+    // the journal is drained (Volume.run).
+    j.on('failed', (err) => {
+      const cause = err.cause instanceof Error ? err.cause.message : err.message;
+      this.log.error({ backupId: this.id, phase: this.phase, err: cause }, 'journal failed: it takes no more writes');
+      if (this.phase === 'switching' || this.phase === 'copying') {
+        this.abortReason ??= new Error(`the journal could not write (${cause}) before the copy finished; the backup was given up and the journal drained to the main volume`);
+      }
+    });
     j.on('blocked', (u) => this.log.warn({ backupId: this.id, phase: this.phase, usedBytes: u.usedBytes, capacityBytes: u.capacityBytes }, 'journal full: writes wait for the drain'));
     if (j.usage.highWater) onHighWater();
   }
@@ -955,7 +968,7 @@ export class BackupRun {
     const journal = this.journal!;
     const snap = map.snapshot();
     if (snap.extents.length === 0) {
-      if (snap.atSeq > journal.drainedSeq) await journal.markDrained(snap.atSeq);
+      if (snap.atSeq > journal.drainedSeq && !journal.failed) await journal.markDrained(snap.atSeq);
       return 0;
     }
     // A nexus lent by an initiator is used only while main insists: every round asks again.
@@ -985,7 +998,8 @@ export class BackupRun {
     await this.mainGood('write', buildSyncCache10(), {}, 'SYNCHRONIZE CACHE after a drain round');
     // Only now is the data durable on main: forget it, then let the journal free its space.
     map.release(snap);
-    await journal.markDrained(snap.atSeq);
+    // A failed journal cannot record it; once its map is empty it is removed instead (removeDrainedJournal).
+    if (!journal.failed) await journal.markDrained(snap.atSeq);
     const secs = Number(process.hrtime.bigint() - t0) / 1e9;
     const rate = bytes / Math.max(secs, 1e-3);
     this.drainRate = this.drainRate === 0 ? rate : 0.5 * this.drainRate + 0.5 * rate;
@@ -1117,6 +1131,10 @@ export class BackupRun {
     try {
       for (let blocked = 0; ; ) {
         this.checkStop();
+        if (this.journal!.failed) {
+          this.log.warn({ backupId: this.id, phase: this.phase }, 'journal failed after the copy: cutting over now');
+          return;
+        }
         const admittedBefore = this.throttle.admittedBytes;
         const t0 = performance.now();
         let drained: number;
@@ -1216,7 +1234,8 @@ export class BackupRun {
     try {
       await this.idleWhileDraining(device);
       // Everything acknowledged is reflected (append resolves after reflection); drain the rest.
-      while (this.map!.size > 0 || this.journal!.drainedSeq < this.journal!.lastSeq) await this.drainRound(false);
+      while (this.undrained()) await this.drainRound(false);
+      await this.removeDrainedJournal();
       await this.markHandedBack('completed', null);
       v.capture = undefined;
       v.accepting = false;
@@ -1243,9 +1262,17 @@ export class BackupRun {
     }
     // The drain below writes main: from here on a restart must not copy from it.
     const j = this.journal;
-    if (j && this.map && (this.map.size > 0 || j.drainedSeq < j.lastSeq) && (this.phase === 'switching' || this.phase === 'copying')) {
+    if (this.undrained() && (this.phase === 'switching' || this.phase === 'copying')) {
       this.setPhase('draining');
-      await this.saveState();
+      try {
+        await this.saveState();
+      } catch (err) {
+        // The disk that failed the journal may refuse this too. Stranding the initiators on a
+        // journal that takes no writes would be worse than the risk it leaves: a crash before the
+        // hand-back is recorded would resume the copy from a main volume the drain has written.
+        if (!j?.failed) throw err;
+        this.log.error({ backupId: this.id, phase: this.phase, err: (err as Error).message }, 'could not record the drain phase; draining anyway');
+      }
     }
     this.handingBack = true;
     v.gate.close();
@@ -1255,7 +1282,8 @@ export class BackupRun {
         try {
           // Also with nothing to drain yet: a write already executing is appended after this look.
           if (v.capture) await this.idleWhileDraining(v.capture);
-          if (this.journal && this.map) while (this.map.size > 0 || this.journal.drainedSeq < this.journal.lastSeq) await this.drainRound(false);
+          while (this.undrained()) await this.drainRound(false);
+          await this.removeDrainedJournal();
           break;
         } catch (err) {
           if (!(err instanceof ReservationBlockedError)) throw err;
@@ -1335,11 +1363,34 @@ export class BackupRun {
     );
   }
 
+  /**
+   * Whether main still lacks writes the journal acknowledged: blocks in the map, or records on
+   * their way into it. A failed journal takes no more records, so then only the map counts.
+   */
+  private undrained(): boolean {
+    const j = this.journal;
+    const map = this.map;
+    if (!j || !map) return false;
+    return map.size > 0 || (!j.failed && j.drainedSeq < j.lastSeq);
+  }
+
+  /**
+   * A failed journal cannot record its drain point, so once everything it acknowledged is on main
+   * it goes, before the hand-back is recorded: a restart must not replay it over the initiators'
+   * newer writes. On a full disk this also frees the space the hand-back record needs.
+   */
+  private async removeDrainedJournal(): Promise<void> {
+    const j = this.journal;
+    if (!j?.failed || this.undrained()) return;
+    await j.close().catch(() => {});
+    await fs.rm(j.dir, { recursive: true, force: true });
+  }
+
   private async disposeJournal(): Promise<void> {
     const j = this.journal;
     if (!j) return;
     await j.close();
-    if (j.drainedSeq >= j.lastSeq) await fs.rm(j.dir, { recursive: true, force: true });
+    if (j.drainedSeq >= j.lastSeq || (j.failed && !this.undrained())) await fs.rm(j.dir, { recursive: true, force: true });
     else this.log.error({ backupId: this.id, dir: j.dir, records: j.records }, 'journal kept: it holds writes that did not reach the main volume');
   }
 

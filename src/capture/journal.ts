@@ -136,8 +136,10 @@ export interface JournalUsage {
   readonly waitingAppends: number;
 }
 
-/** Events of a {@link Journal}. All carry the usage at the moment of the transition. */
+/** Events of a {@link Journal}. All but `failed` carry the usage at the moment of the transition. */
 export interface JournalEvents {
+  /** A write or fdatasync failed: the journal takes no more records (see {@link Journal.failed}). */
+  failed: [failure: JournalFailedError];
   /** Usage rose to or above the high-water ratio (an alert condition). */
   'high-water': [usage: JournalUsage];
   /** Usage fell back below the high-water ratio. */
@@ -861,6 +863,15 @@ export class Journal extends EventEmitter<JournalEvents> {
 
   // ---- counters ------------------------------------------------------------------------------
 
+  /**
+   * Why the journal stopped taking writes (a write or fdatasync failed), or undefined. Its
+   * acknowledged records stay readable, so the owner can still write them to the main volume;
+   * the drain point can no longer be recorded ({@link markDrained} throws).
+   */
+  get failed(): JournalFailedError | undefined {
+    return this.failure;
+  }
+
   /** Highest seq handed out by append() (accepted; maybe not durable yet). The freeze point. */
   get lastSeq(): number {
     return this.assignedSeq;
@@ -1218,9 +1229,15 @@ export class Journal extends EventEmitter<JournalEvents> {
    * queue, the waiters). Called when no write is under way.
    */
   private fail(failure: JournalFailedError, inFlight: Pending[]): void {
-    if (!this.failure) this.failure = failure;
+    const first = !this.failure;
+    const stopped = this.failure ?? failure;
+    this.failure = stopped;
     const victims = [...inFlight, ...this.queue.splice(0), ...this.spaceWaiters.splice(0)];
-    for (const p of victims) p.reject(this.failure);
+    for (const p of victims) {
+      // Never acknowledged and never to be: a read must not wait for them to be reflected.
+      if (this.unreflectedMap.delete(p.seq)) this.unreflectedBlockCount -= p.blocks;
+      p.reject(stopped);
+    }
     this.reservedBytes = 0;
     const seg = this.active;
     if (seg && seg.written > seg.size) {
@@ -1234,8 +1251,10 @@ export class Journal extends EventEmitter<JournalEvents> {
       };
       seg.file.truncate(seg.size).then(done, done);
     }
-    for (const w of this.reflectWaiters.splice(0)) w.reject(this.failure);
-    for (const w of this.drainWaiters.splice(0)) w.reject(this.failure);
+    for (const w of this.reflectWaiters.splice(0)) w.reject(stopped);
+    for (const w of this.drainWaiters.splice(0)) w.reject(stopped);
+    // After the records are rejected, so that the owner hears of it with the state settled.
+    if (first) this.emit('failed', stopped);
   }
 
   // ---- reflection ----------------------------------------------------------------------------

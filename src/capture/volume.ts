@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { formatPortal } from '../back/index.ts';
 import type { FrontTarget } from '../front/types.ts';
@@ -9,6 +10,10 @@ import type { VolumeConfig } from '../control/config.ts';
 import type { SessionView } from '../control/model.ts';
 import type { CaptureDevice } from './capture-device.ts';
 import { Gate } from './gate.ts';
+import { JournalFailedError } from './journal.ts';
+
+/** How often a command held by a failed journal looks whether the backup has let the volume go. */
+const CAPTURE_END_POLL_MS = 20;
 
 export interface CommandObserver {
   (volume: string, task: ScsiTask, outcome: ScsiOutcome | undefined, seconds: number): void;
@@ -130,9 +135,22 @@ export class Volume implements ScsiTargetDevice {
       },
       (err: unknown) => {
         this.settle(task, capture === undefined, started, undefined);
+        if (capture && err instanceof JournalFailedError) return this.afterCapture(capture, task);
         throw err;
       },
     );
+  }
+
+  /**
+   * A command the capture could not take because its journal failed (a full or failing disk).
+   * It changed nothing there: the journal acknowledged none of it. Failing it would hand the
+   * initiator a medium error for a disk that is not its own, so it is held instead until the
+   * backup has drained the journal's acknowledged writes to main and let the volume go, then
+   * sent to main like any command outside a backup (unless it was aborted meanwhile).
+   */
+  private async afterCapture(capture: CaptureDevice, task: ScsiTask): Promise<ScsiOutcome> {
+    while (this.capture === capture) await sleep(CAPTURE_END_POLL_MS);
+    return this.run(task);
   }
 
   private settle(task: ScsiTask, forwarded: boolean, started: number, outcome: ScsiOutcome | undefined): void {
