@@ -235,18 +235,21 @@ function sleep(ms: number): Promise<void> {
 }
 
 /**
- * Waits until `bytes()` sent since `t0` (ms) is at or under `rate` bytes per second on average.
- * Returns undefined, synchronously, when there is nothing to wait for: concurrent workers each
- * check and then count their bytes in one step, so an await here would let all of them pass the
- * check before any had counted. The wait is sliced and re-evaluated, so that bytes other workers
- * add meanwhile count, and a cancel or a shutdown (`stop()`) does not sit out a long wait.
+ * A rate limit kept by schedule: a command that follows `before` bytes sent since `t0` (ms) may
+ * start at `t0 + before / rate`. The caller takes its slot and counts its own bytes in one
+ * synchronous step, before it waits, so concurrent workers get consecutive slots: none goes ahead
+ * of the rate, not even at the start, and they do not all wake together. (Pacing after the
+ * command let every worker's first command through at once: the whole copy of a small volume
+ * went at full speed, then sat out the rest of its time at 100%.) Undefined, synchronously, when
+ * the slot has come. The wait is sliced, so that a cancel or a shutdown (`stop()`) does not sit
+ * out a long one.
  */
-function keepUnderRate(rate: number | undefined, bytes: () => number, t0: number, stop: () => boolean): Promise<void> | undefined {
+function waitForSlot(rate: number | undefined, before: number, t0: number, stop: () => boolean): Promise<void> | undefined {
   if (!rate) return undefined;
-  const behind = () => (bytes() / rate) * 1000 - (Date.now() - t0);
-  if (behind() <= 0 || stop()) return undefined;
+  const due = t0 + (before / rate) * 1000;
+  if (Date.now() >= due || stop()) return undefined;
   return (async () => {
-    for (let ahead = behind(); ahead > 0 && !stop(); ahead = behind()) await sleep(Math.min(ahead, 250));
+    for (let ahead = due - Date.now(); ahead > 0 && !stop(); ahead = due - Date.now()) await sleep(Math.min(ahead, 250));
   })();
 }
 
@@ -920,11 +923,19 @@ export class BackupRun {
           this.checkStop();
           const i = todo[next++]!;
           const length = w.chunkLength(i);
+          const slot = waitForSlot(rate, copiedHere, t0, () => stop() || this.stopRequested());
+          copiedHere += length;
           const myTurn = lastTurn;
           let passTurn!: () => void;
           lastTurn = new Promise<void>((resolve) => (passTurn = resolve));
           let put: Promise<{ durable: Promise<void> }>;
           try {
+            if (slot) {
+              await slot;
+              this.checkStop();
+              // Another worker failed: the copy is over.
+              if (stop()) break;
+            }
             const data = await this.readMainInto(w.chunkOffset(i) / this.blockSize, length / this.blockSize, buf, readsPerChunk);
             await myTurn;
             // The writer hashes within this call: the next worker may go as soon as it returns.
@@ -944,9 +955,6 @@ export class BackupRun {
           );
           committing.add(tracked);
           void tracked.finally(() => committing.delete(tracked));
-          copiedHere += length;
-          const pacing = keepUnderRate(rate, () => copiedHere, t0, () => this.stopRequested());
-          if (pacing) await pacing;
         }
       });
     } finally {
@@ -983,11 +991,14 @@ export class BackupRun {
     await runWorkers(DRAIN_WORKERS, async (stop) => {
       while (next < jobs.length && !stop()) {
         if (interruptible) this.checkStop();
-        const pacing = keepUnderRate(this.opts.drainRateLimit, () => sent, tStart, () => stop() || (interruptible && this.stopRequested()));
-        if (pacing) await pacing;
         const job = jobs[next++];
         if (!job) break;
+        const slot = waitForSlot(this.opts.drainRateLimit, sent, tStart, () => stop() || (interruptible && this.stopRequested()));
         sent += job.same ? this.blockSize : job.blocks * this.blockSize;
+        if (slot) {
+          await slot;
+          if (interruptible) this.checkStop();
+        }
         // Not `bytes += await ...`: that reads `bytes` before the await, and the workers running
         // meanwhile would lose their counts (the drain rate, and so the cutover estimate, with them).
         const written = await this.drainJob(journal, job);
