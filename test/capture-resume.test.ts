@@ -406,20 +406,25 @@ const BS = 512;
 const SMALL = 32 * MiB;
 
 /** tgtd with a LUN of random data, detour in process (proxy-directed), an initiator on detour's portal. */
-async function inProcess(volumeExtra: Record<string, unknown>, o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number } = {}) {
+async function inProcess(
+  volumeExtra: Record<string, unknown>,
+  o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number; storeBytes?: number } = {},
+) {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-capture-gaps-'));
   stops.push(async () => fs.rmSync(work, { recursive: true, force: true }));
-  if (o.dataDirBytes !== undefined) {
-    // A file system of its own, as small as asked: the disk really fills up (ENOSPC).
-    const dataDir = path.join(work, 'data');
-    fs.mkdirSync(dataDir);
+  // A file system of its own, as small as asked: the disk really fills up (ENOSPC).
+  const smallDisk = async (dir: string, bytes: number | undefined) => {
+    if (bytes === undefined) return;
+    fs.mkdirSync(dir);
     try {
-      await run('mount', ['-t', 'tmpfs', '-o', `size=${o.dataDirBytes}`, 'tmpfs', dataDir]);
+      await run('mount', ['-t', 'tmpfs', '-o', `size=${bytes}`, 'tmpfs', dir]);
     } catch (err) {
-      throw new Error(`this test mounts a small tmpfs as the data directory, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
+      throw new Error(`this test mounts a small tmpfs at ${dir}, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
     }
-    stops.push(() => run('umount', ['-l', dataDir]));
-  }
+    stops.push(() => run('umount', ['-l', dir]));
+  };
+  await smallDisk(path.join(work, 'data'), o.dataDirBytes);
+  await smallDisk(path.join(work, 'store'), o.storeBytes);
   const lunFile = path.join(work, 'main.img');
   const original = crypto.randomBytes(SMALL);
   fs.writeFileSync(lunFile, original);
@@ -433,6 +438,7 @@ async function inProcess(volumeExtra: Record<string, unknown>, o: { thinProvisio
     {
       portal: `127.0.0.2:${port}`,
       dataDir: path.join(work, 'data'),
+      ...(o.storeBytes !== undefined ? { backupStore: { path: path.join(work, 'store') } } : {}),
       volumes: [{ name: 'vol1', target: IQN, main: tgtd.portal, topology: 'proxy-directed', control: { type: 'tgt', tid: 1, controlPort: tgtd.controlPort }, ioTimeoutBudget: '5s', ...volumeExtra }],
     },
     path.join(work, 'detour.yaml'),
@@ -576,6 +582,39 @@ describe('capture gaps, in process against tgtd', () => {
     // All on main: a restart has nothing to replay, and the space is free again.
     expect(fs.existsSync(journalDir)).toBe(false);
     console.log(`journal disk full: ${writes} writes of 1 MiB, all GOOD, ${afterFailure} of them after the journal failed`);
+  }, 120_000);
+
+  it('backup store disk full during the copy: the backup fails saying so, no write fails, every write reaches main, the session goes back', async () => {
+    // Room for half the image.
+    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { storeBytes: SMALL / 2 });
+    const engine = proxy.engine;
+    const id = await startCopying(engine, { label: 'store full' });
+    const model = Buffer.from(original);
+    let writes = 0;
+    while (engine.getBackup(id)!.state === 'running' && writes < 400) {
+      const lba = (writes % 30) * 2048 + 9;
+      const data = crypto.randomBytes(MiB);
+      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
+      let r = await initiator.command(1, cdb, { dataOut: data });
+      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      expect(r.status, `write ${writes}: sense ${r.sense?.toString('hex')}`).toBe(0);
+      data.copy(model, lba * BS);
+      writes++;
+      await sleep(20);
+    }
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+    const b = engine.getBackup(id)!;
+    expect(b.state).toBe('failed');
+    const dir = path.join(work, 'store', id);
+    expect(b.error).toBe(`the backup store could not write (ENOSPC: no space left on device, write) in ${dir}; the backup was given up and the journal drained to the main volume`);
+    expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
+    expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    // The store keeps the record of the failure, and gives the space back.
+    expect(JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8'))).toMatchObject({ state: 'failed' });
+    expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
+    console.log(`backup store full: ${writes} writes of 1 MiB during the backup, all GOOD; failed after ${b.bytesCopied / MiB} MiB copied`);
   }, 120_000);
 
   it('journal disk full after the copy: the image is whole, so detour cuts over at once; the backup completes and no write fails', async () => {

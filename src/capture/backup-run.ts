@@ -915,6 +915,9 @@ export class BackupRun {
     // Page-aligned shared memory: the store writes each chunk with O_DIRECT and hashes it on
     // another thread, both straight from here.
     const buffers = allocChunkBuffers(depth, w.chunkSize);
+    // Said so, because a full disk reads the same for the store and the journal.
+    const storeFailure = (err: unknown) =>
+      new Error(`the backup store could not write (${err instanceof Error ? err.message : String(err)}) in ${w.dir}; the backup was given up and the journal drained to the main volume`, { cause: err });
     try {
       await runWorkers(depth, async (stop) => {
         const buf = buffers.pop()!;
@@ -943,14 +946,16 @@ export class BackupRun {
           } finally {
             passTurn();
           }
-          const { durable } = await put;
+          const { durable } = await put.catch((err: unknown) => {
+            throw storeFailure(err);
+          });
           const tracked = durable.then(
             () => {
               this.bytesCopied += length;
               this.opts.hooks?.copied?.(this, length);
             },
             (err: unknown) => {
-              commitFailure ??= { err };
+              commitFailure ??= { err: storeFailure(err) };
             },
           );
           committing.add(tracked);

@@ -169,7 +169,8 @@ export class BackupWriter {
 
   private constructor(
     private record: BackupRecord,
-    private readonly dir: string,
+    /** The backup's directory in the store. */
+    readonly dir: string,
     private readonly table: ChunkTable,
     private readonly log: FileHandle,
     private readonly release: () => void,
