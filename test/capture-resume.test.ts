@@ -543,6 +543,48 @@ describe('capture gaps, in process against tgtd', () => {
     await logoutOnceBackOnMain(initiator);
   }, 60_000);
 
+  it('main target restarts during the copy: the sessions come back by login, no write fails, the backup completes with the image at the freeze', async () => {
+    const { proxy, initiator, lunFile, original, logs, tgtd } = await inProcess({ copyRateLimit: '4M' });
+    const engine = proxy.engine;
+    const id = await startCopying(engine);
+    const model = Buffer.from(original);
+    let writes = 0;
+    const write = async () => {
+      const lba = (writes % 30) * 2048 + 11;
+      const data = crypto.randomBytes(256 * 1024);
+      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x02, 0x00, 0]);
+      let r = await initiator.command(1, cdb, { dataOut: data });
+      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      expect(r.status, `write ${writes}: sense ${r.sense?.toString('hex')}`).toBe(0);
+      data.copy(model, lba * BS);
+      writes++;
+    };
+    for (let i = 0; i < 4; i++) await write();
+    // Down for longer than a backend session's reconnect policy waits (about 3 s), then back on
+    // the same ports with the same LUN, as after a restart of the main target's host.
+    let outage = true;
+    const writer = (async () => {
+      while (outage) {
+        await write();
+        await sleep(100);
+      }
+      for (let i = 0; i < 4; i++) await write();
+    })();
+    await tgtd.kill();
+    await sleep(5000);
+    const back = await Tgtd.start({ port: tgtd.port, controlPort: tgtd.controlPort, targets: [{ tid: 1, iqn: IQN, luns: [{ lun: 1, file: lunFile }] }] });
+    stops.push(() => back.stop());
+    outage = false;
+    await writer;
+    expect(logs().some((l) => l.msg === 'main target out of reach: dropping the initiator connection, it logs in again')).toBe(true);
+
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    expectCompletedWithImageOf(engine, id, original);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    console.log(`main target restart: ${writes} writes of 256 KiB, all GOOD`);
+  }, 120_000);
+
   it('journal disk full during the copy: no write fails, the backup fails saying why, every write reaches main, the session goes back', async () => {
     // Room for the image (SMALL) and a few MiB of journal: the journal runs out of disk first.
     const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: SMALL + 8 * MiB });

@@ -45,7 +45,14 @@ export class Volume implements ScsiTargetDevice {
     portalGroupTag: number,
     private readonly log: Logger,
   ) {
-    this.forwarder = new InlineDevice({ volume: config.name, targetName: config.target, main: formatPortal(config.main), localAddress, logger: log });
+    this.forwarder = new InlineDevice({
+      volume: config.name,
+      targetName: config.target,
+      main: formatPortal(config.main),
+      localAddress,
+      logger: log,
+      onBackendLost: (nexus, err) => this.backendLost(nexus, err),
+    });
     this.target = {
       name: config.target,
       portalGroupTag,
@@ -79,6 +86,21 @@ export class Volume implements ScsiTargetDevice {
       tsih: s.tsih,
       mode: this.capture ? 'capture' : 'inline',
     }));
+  }
+
+  /**
+   * An initiator's session to main is gone for good. Answering its commands with errors from
+   * here on would leave it with a session that looks alive and can never work again, even after
+   * main is back. Dropping its connection makes it recover as it would from main itself going
+   * away: it logs in again, and that login opens a new backend session (or is refused, to be
+   * retried, while main is still out of reach).
+   */
+  private backendLost(nexus: ItNexus, err: Error | undefined): void {
+    for (const s of this.frontSessions()) {
+      if (s.initiatorName !== nexus.initiatorName || s.tsih !== nexus.tsih) continue;
+      this.log.warn({ volume: this.name, initiator: s.initiatorName, tsih: s.tsih, err: err?.message }, 'main target out of reach: dropping the initiator connection, it logs in again');
+      for (const c of [...s.connections]) c.close();
+    }
   }
 
   /** AsyncEvent 1 to every initiator of the volume: log out (and come back by login). */

@@ -39,6 +39,12 @@ export interface InlineDeviceOptions {
   logger: Logger;
   /** Extra initiator options for tests (timeouts, reconnect policy). */
   backend?: Partial<InitiatorOptions>;
+  /**
+   * The backend session of a nexus ended without nexusClosed(): the main target stayed out of
+   * reach for longer than its reconnect policy waits. The nexus can no longer reach main, so the
+   * owner should end the initiator's session, which then logs in again and gets a new backend.
+   */
+  onBackendLost?: (nexus: ItNexus, err: Error | undefined) => void;
 }
 
 /** A login refusal the front passes on to the initiator with the main target's own status. */
@@ -116,8 +122,11 @@ export class InlineDevice implements ScsiTargetDevice {
         reconnect: { initialDelayMs: 100, maxDelayMs: 2000, maxAttempts: 5 },
         ...this.opts.backend,
       });
-      s.on('close', () => {
-        if (this.backends.get(this.key(nexus)) === s) this.forget(nexus);
+      s.on('close', (err?: Error) => {
+        // Not when nexusClosed() or a newer login has let it go already.
+        if (this.backends.get(this.key(nexus)) !== s) return;
+        this.forget(nexus);
+        this.opts.onBackendLost?.(nexus, err);
       });
       this.backends.set(this.key(nexus), s);
       this.byNexus = new WeakMap();

@@ -44,15 +44,16 @@ export class Tgtd {
     return this.logs.join('');
   }
 
-  static async start(opts: { host?: string; targets?: TgtTarget[] } = {}): Promise<Tgtd> {
+  /** `port` and `controlPort`: given ones, e.g. to bring a stopped main target back as it was. */
+  static async start(opts: { host?: string; port?: number; controlPort?: number; targets?: TgtTarget[] } = {}): Promise<Tgtd> {
     const host = opts.host ?? '127.0.0.1';
     const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-tgtd-'));
     // The control port selects tgtd's IPC socket; a collision with another instance shows up as a
     // start failure, so retry with another number.
     for (let attempt = 0; attempt < 5; attempt++) {
-      const port = await freePort(host);
+      const port = opts.port ?? (await freePort(host));
       // tgtd -C takes 0..32767.
-      const controlPort = 1000 + Math.floor(Math.random() * 31000);
+      const controlPort = opts.controlPort ?? 1000 + Math.floor(Math.random() * 31000);
       const logs: string[] = [];
       const proc = spawn('tgtd', ['-f', '-C', String(controlPort), '--iscsi', `portal=${host}:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
       proc.stdout!.on('data', (d: Buffer) => logs.push(d.toString()));
@@ -107,6 +108,15 @@ export class Tgtd {
       await this.adm(['--op', 'new', '--mode', 'account', '--user', t.chap.user, '--password', t.chap.password]);
       await this.adm(['--op', 'bind', '--mode', 'account', '--tid', String(t.tid), '--user', t.chap.user]);
     }
+  }
+
+  /** Dies as in a crash: SIGKILL, nothing cleaned up. stop() still tidies up afterwards. */
+  async kill(): Promise<void> {
+    const pid = this.proc.pid;
+    if (pid === undefined || this.proc.exitCode !== null || this.proc.signalCode !== null) return;
+    const gone = new Promise<void>((resolve) => this.proc.once('exit', () => resolve()));
+    process.kill(pid, 'SIGKILL');
+    await gone;
   }
 
   async stop(): Promise<void> {
