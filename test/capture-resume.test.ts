@@ -659,7 +659,7 @@ describe('capture gaps, in process against tgtd', () => {
     console.log(`backup store full: ${writes} writes of 1 MiB during the backup, all GOOD; failed after ${b.bytesCopied / MiB} MiB copied`);
   }, 120_000);
 
-  it('journal disk full after the copy: the image is whole, so detour cuts over at once; the backup completes and no write fails', async () => {
+  it('journal disk full after the copy: the image is whole, so detour cuts over; the backup completes and no write fails', async () => {
     // The finished image fills all but 3 MiB, and the drain is slow: the journal fills up while it drains.
     const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ drainRateLimit: '1M' }, { dataDirBytes: SMALL + 3 * MiB });
     const engine = proxy.engine;
@@ -687,7 +687,6 @@ describe('capture gaps, in process against tgtd', () => {
       if (journalFailed()) after++;
     }
     expect(journalFailed()).toBe(true);
-    expect(logs().some((l) => l.msg === 'journal failed after the copy: cutting over now')).toBe(true);
 
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
     expectCompletedWithImageOf(engine, id, original);
