@@ -585,6 +585,47 @@ describe('capture gaps, in process against tgtd', () => {
     console.log(`main target restart: ${writes} writes of 256 KiB, all GOOD`);
   }, 120_000);
 
+  it('main refuses the drain for a while (LU made read-only): the volume stays captured, the drain resumes once main takes writes, the backup completes', async () => {
+    // 20 MiB to drain at 2 MiB/s: main turns read-only in the middle of it.
+    const { proxy, initiator, lunFile, original, logs, tgtd } = await inProcess({ copyRateLimit: '16M', drainRateLimit: '2M' });
+    const engine = proxy.engine;
+    const id = await startCopying(engine);
+    const model = Buffer.from(original);
+    let writes = 0;
+    const write = async (refusable: boolean) => {
+      const lba = (writes % 30) * 2048 + 13;
+      const data = crypto.randomBytes(MiB);
+      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
+      let r = await initiator.command(1, cdb, { dataOut: data });
+      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      writes++;
+      // While main is read-only a write may get main's own answer, DATA PROTECT, as it would there.
+      if (refusable && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 0x07) return;
+      expect(r.status, `write ${writes - 1}: sense ${r.sense?.toString('hex')}`).toBe(0);
+      data.copy(model, lba * BS);
+    };
+    for (let i = 0; i < 20; i++) await write(false);
+    await waitUntil(() => engine.getBackup(id)!.phase === 'draining', 60_000, 'the drain to start');
+    await sleep(1000);
+    const lu = ['--op', 'update', '--mode', 'logicalunit', '--tid', '1', '--lun', '1', '--params'];
+    await tgtd.adm([...lu, 'readonly=1']);
+    await waitUntil(() => logs().some((l) => l.msg === 'drain to the main volume failed: the volume stays captured, nothing is handed back'), 30_000, 'the drain to fail');
+    for (let i = 0; i < 3; i++) await write(true);
+    await sleep(2000);
+    const blocked = engine.getBackup(id)!;
+    expect(blocked.state).toBe('running');
+    expect(blocked.error).toMatch(/^the journal cannot be drained to the main volume: WRITE of \d+ blocks at \d+ on the main volume failed \(status 0x2, sense key 0x7\); the volume stays captured and the drain is retried$/);
+    expect(initiator.connectedPortal).not.toBe(tgtd.portal);
+
+    await tgtd.adm([...lu, 'readonly=0']);
+    for (let i = 0; i < 3; i++) await write(false);
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    expectCompletedWithImageOf(engine, id, original);
+    expect(logs().some((l) => l.msg === 'drain to the main volume works again')).toBe(true);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+  }, 120_000);
+
   it('journal disk full during the copy: no write fails, the backup fails saying why, every write reaches main, the session goes back', async () => {
     // Room for the image (SMALL) and a few MiB of journal: the journal runs out of disk first.
     const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: SMALL + 8 * MiB });

@@ -197,6 +197,17 @@ const PARK_IDLE_MS = 10_000;
 class CancelledError extends Error {}
 /** The process is stopping: the backup is parked, to be taken up by the next start. */
 class SuspendedError extends Error {}
+/**
+ * A drain round failed on main's side (an error status, a command that could not be re-issued,
+ * a journal read): handing the sessions back now would leave main without writes the initiators
+ * were told are done, so the volume stays captured and the round is retried.
+ */
+class DrainBlockedError extends Error {}
+
+/** A drain that cannot go on for now: a reservation on main, or any failure of a round. */
+function drainBlocked(err: unknown): err is ReservationBlockedError | DrainBlockedError {
+  return err instanceof ReservationBlockedError || err instanceof DrainBlockedError;
+}
 
 const UNIT_ATTENTION = 0x06;
 const ILLEGAL_REQUEST = 0x05;
@@ -304,7 +315,7 @@ export class BackupRun {
   /** Where detour's own commands for the main LUN go: see reservations.ts. */
   private mainRouter: MainRouter | undefined;
   /** Set while a reservation on main keeps the drain from writing: the error shown meanwhile. */
-  private blockedNote: { base: string | null; message: string } | undefined;
+  private blockedNote: { base: string | null; message: string; reservation: boolean } | undefined;
   private writer: BackupWriter | undefined;
   /** Why a resumed backup has no writer: its store record could not be taken up. */
   private storeProblem: string | undefined;
@@ -667,8 +678,8 @@ export class BackupRun {
           await this.cutover();
           break;
         } catch (err) {
-          // The gate is open again; the drain loop waits the reservation out.
-          if (!(err instanceof ReservationBlockedError)) throw err;
+          // The gate is open again; the drain loop waits the block out.
+          if (!drainBlocked(err)) throw err;
           this.handingBack = false;
           this.setPhase('draining');
         }
@@ -977,6 +988,15 @@ export class BackupRun {
    * (their newest data per block, from the map rebuilt in seq order), which only repeats writes.
    */
   private async drainRound(interruptible: boolean): Promise<number> {
+    try {
+      return await this.drainRoundOnce(interruptible);
+    } catch (err) {
+      if (drainBlocked(err) || err instanceof CancelledError || err instanceof SuspendedError || err === this.abortReason) throw err;
+      throw new DrainBlockedError(err instanceof Error ? err.message : String(err), { cause: err });
+    }
+  }
+
+  private async drainRoundOnce(interruptible: boolean): Promise<number> {
     const map = this.map!;
     const journal = this.journal!;
     const snap = map.snapshot();
@@ -1157,12 +1177,12 @@ export class BackupRun {
         try {
           drained = await this.drainRound(true);
         } catch (err) {
-          if (!(err instanceof ReservationBlockedError)) throw err;
-          await this.waitOutReservation(err, blocked++);
+          if (!drainBlocked(err)) throw err;
+          await this.waitOutBlockedDrain(err, blocked++);
           continue;
         }
         blocked = 0;
-        this.reservationCleared();
+        this.drainUnblocked();
         // Cut over once what is left fits well inside the initiators' budget. The cutover pause is
         // about that estimate, so while rounds still shrink what is left quickly, a few more
         // rounds (with the initiators running) buy a shorter pause.
@@ -1202,19 +1222,24 @@ export class BackupRun {
    * main allows a nexus detour has (the reservation released, cleared or preempted to a nexus
    * connected through detour), or the backup is parked by a shutdown and taken up by the next start.
    */
-  private async waitOutReservation(err: ReservationBlockedError, attempt: number): Promise<void> {
+  private async waitOutBlockedDrain(err: ReservationBlockedError | DrainBlockedError, attempt: number): Promise<void> {
     const message = `the journal cannot be drained to the main volume: ${err.message}; the volume stays captured and the drain is retried`;
     const base = this.blockedNote ? this.blockedNote.base : this.error;
-    this.blockedNote = { base, message };
+    this.blockedNote = { base, message, reservation: err instanceof ReservationBlockedError };
     this.error = base ? `${base}; ${message}` : message;
     // A shutdown must be able to park it: that needs the phase a restart can take up.
     if (this.phase !== 'draining') this.setPhase('draining');
     if (attempt === 0 || attempt % 30 === 0) {
       const j = this.journal;
-      this.log.error(
-        { backupId: this.id, phase: this.phase, err: err.message, access: err.access, journal: j ? { records: j.records, lastSeq: j.lastSeq, drainedSeq: j.drainedSeq } : null },
-        'drain blocked by a reservation on the main volume: the volume stays captured, nothing is handed back',
-      );
+      const journal = j ? { records: j.records, lastSeq: j.lastSeq, drainedSeq: j.drainedSeq } : null;
+      if (err instanceof ReservationBlockedError) {
+        this.log.error(
+          { backupId: this.id, phase: this.phase, err: err.message, access: err.access, journal },
+          'drain blocked by a reservation on the main volume: the volume stays captured, nothing is handed back',
+        );
+      } else {
+        this.log.error({ backupId: this.id, phase: this.phase, err: err.message, attempt, journal }, 'drain to the main volume failed: the volume stays captured, nothing is handed back');
+      }
     }
     if (this.shutdownWanted) this.suspendRequested = true;
     const until = Date.now() + Math.min(250 * 2 ** attempt, 2000);
@@ -1222,12 +1247,16 @@ export class BackupRun {
     if (this.suspendRequested) throw new SuspendedError('suspended');
   }
 
-  private reservationCleared(): void {
+  private drainUnblocked(): void {
     const note = this.blockedNote;
     if (!note) return;
     this.blockedNote = undefined;
     this.error = note.base;
-    this.log.info({ backupId: this.id, phase: this.phase, route: { write: this.main.routeName('write'), read: this.main.routeName('read') } }, 'drain no longer blocked by a reservation');
+    if (note.reservation) {
+      this.log.info({ backupId: this.id, phase: this.phase, route: { write: this.main.routeName('write'), read: this.main.routeName('read') } }, 'drain no longer blocked by a reservation');
+    } else {
+      this.log.info({ backupId: this.id, phase: this.phase }, 'drain to the main volume works again');
+    }
   }
 
   /**
@@ -1302,12 +1331,12 @@ export class BackupRun {
           await this.removeDrainedJournal();
           break;
         } catch (err) {
-          if (!(err instanceof ReservationBlockedError)) throw err;
+          if (!drainBlocked(err)) throw err;
           // Handing back now would lose acknowledged writes: stay captured and try again.
           this.handingBack = false;
           v.gate.open();
           try {
-            await this.waitOutReservation(err, blocked++);
+            await this.waitOutBlockedDrain(err, blocked++);
           } catch (stop) {
             keepCaptured = true;
             throw stop;
@@ -1316,7 +1345,7 @@ export class BackupRun {
           v.gate.close();
         }
       }
-      this.reservationCleared();
+      this.drainUnblocked();
     } finally {
       if (!keepCaptured) {
         // The sessions go back even if the drain failed (but not for a reservation, above).
