@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { buildUnmap, buildUnmapParameterList, buildWriteSame16 } from 'iscsi-node-wire';
+import { buildUnmap, buildUnmapParameterList, buildWrite10, buildWriteSame16 } from 'iscsi-node-wire';
 import pino from 'pino';
 import { afterEach, describe, expect, it, onTestFailed } from 'vitest';
 import { InitiatorSession } from '../src/back/index.ts';
@@ -480,6 +480,29 @@ function expectCompletedWithImageOf(engine: InProcess['proxy']['engine'], id: st
   expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
 }
 
+type CommandResult = Awaited<ReturnType<InProcess['initiator']['command']>>;
+
+const senseKeyOf = (r: CommandResult) => (r.status === 2 && r.sense ? r.sense[2]! & 0x0f : -1);
+
+/** A command past the UNIT ATTENTION that each move of the I_T nexus (to detour, back to main) brings once. */
+async function commandPastUnitAttention(initiator: InProcess['initiator'], cdb: Buffer, dataOut: Buffer): Promise<CommandResult> {
+  let r = await initiator.command(1, cdb, { dataOut });
+  for (let retry = 0; retry < 3 && senseKeyOf(r) === 6; retry++) r = await initiator.command(1, cdb, { dataOut });
+  return r;
+}
+
+/** WRITE(10) of `bytes` of fresh random data at `lba`; `model` takes the data if the answer is GOOD. */
+async function writeRandom(initiator: InProcess['initiator'], model: Buffer, lba: number, bytes: number): Promise<CommandResult> {
+  const data = crypto.randomBytes(bytes);
+  const r = await commandPastUnitAttention(initiator, buildWrite10(lba, bytes / BS), data);
+  if (r.status === 0) data.copy(model, lba * BS);
+  return r;
+}
+
+function expectGood(r: CommandResult, what: string): void {
+  expect(r.status, `${what}: sense ${r.sense?.toString('hex')}`).toBe(0);
+}
+
 /** Waits for the hand-back to bring the initiator to tgtd, then logs it out. */
 async function logoutOnceBackOnMain(initiator: InProcess['initiator']): Promise<void> {
   await waitUntil(() => initiator.connectedPortal !== undefined && initiator.connectedPortal.startsWith('127.0.0.1:'), 10_000, 'the initiator back on main');
@@ -531,13 +554,7 @@ describe('capture gaps, in process against tgtd', () => {
     const model = Buffer.from(original);
     let writes = 0;
     const write = async () => {
-      const lba = (writes % 30) * 2048 + 11;
-      const data = crypto.randomBytes(256 * 1024);
-      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x02, 0x00, 0]);
-      let r = await initiator.command(1, cdb, { dataOut: data });
-      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
-      expect(r.status, `write ${writes}: sense ${r.sense?.toString('hex')}`).toBe(0);
-      data.copy(model, lba * BS);
+      expectGood(await writeRandom(initiator, model, (writes % 30) * 2048 + 11, 256 * 1024), `write ${writes}`);
       writes++;
     };
     for (let i = 0; i < 4; i++) await write();
@@ -574,16 +591,11 @@ describe('capture gaps, in process against tgtd', () => {
     const model = Buffer.from(original);
     let writes = 0;
     const write = async (refusable: boolean) => {
-      const lba = (writes % 30) * 2048 + 13;
-      const data = crypto.randomBytes(MiB);
-      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
-      let r = await initiator.command(1, cdb, { dataOut: data });
-      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
+      const r = await writeRandom(initiator, model, (writes % 30) * 2048 + 13, MiB);
       writes++;
       // While main is read-only a write may get main's own answer, DATA PROTECT, as it would there.
-      if (refusable && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 0x07) return;
-      expect(r.status, `write ${writes - 1}: sense ${r.sense?.toString('hex')}`).toBe(0);
-      data.copy(model, lba * BS);
+      if (refusable && senseKeyOf(r) === 0x07) return;
+      expectGood(r, `write ${writes - 1}`);
     };
     for (let i = 0; i < 20; i++) await write(false);
     await waitUntil(() => engine.getBackup(id)!.phase === 'draining', 60_000, 'the drain to start');
@@ -621,14 +633,7 @@ describe('capture gaps, in process against tgtd', () => {
     let afterFailure = 0;
     // 1 MiB writes until the journal has failed and a few more have gone through after that.
     for (let i = 0; i < 200 && afterFailure < 4; i++) {
-      const lba = (i % 30) * 2048 + 3;
-      const data = crypto.randomBytes(MiB);
-      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
-      let r = await initiator.command(1, cdb, { dataOut: data });
-      // The move to detour, and the move back, are each a new I_T nexus on main: one UNIT ATTENTION.
-      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
-      expect(r.status, `write ${i}: sense ${r.sense?.toString('hex')}`).toBe(0);
-      data.copy(model, lba * BS);
+      expectGood(await writeRandom(initiator, model, (i % 30) * 2048 + 3, MiB), `write ${i}`);
       writes++;
       if (journalFailed()) afterFailure++;
     }
@@ -656,13 +661,7 @@ describe('capture gaps, in process against tgtd', () => {
     const model = Buffer.from(original);
     let writes = 0;
     while (engine.getBackup(id)!.state === 'running' && writes < 400) {
-      const lba = (writes % 30) * 2048 + 9;
-      const data = crypto.randomBytes(MiB);
-      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
-      let r = await initiator.command(1, cdb, { dataOut: data });
-      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
-      expect(r.status, `write ${writes}: sense ${r.sense?.toString('hex')}`).toBe(0);
-      data.copy(model, lba * BS);
+      expectGood(await writeRandom(initiator, model, (writes % 30) * 2048 + 9, MiB), `write ${writes}`);
       writes++;
       await sleep(20);
     }
@@ -689,15 +688,7 @@ describe('capture gaps, in process against tgtd', () => {
     const journalDir = path.join(work, 'data', 'volumes', 'vol1', 'journal', id);
     const model = Buffer.from(original);
     const journalFailed = () => logs().some((l) => l.msg === 'journal failed: it takes no more writes');
-    const write = async (i: number) => {
-      const lba = (i % 30) * 2048 + 5;
-      const data = crypto.randomBytes(MiB);
-      const cdb = Buffer.from([0x2a, 0, (lba >>> 24) & 255, (lba >>> 16) & 255, (lba >>> 8) & 255, lba & 255, 0, 0x08, 0x00, 0]);
-      let r = await initiator.command(1, cdb, { dataOut: data });
-      for (let retry = 0; retry < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6; retry++) r = await initiator.command(1, cdb, { dataOut: data });
-      expect(r.status, `write ${i}: sense ${r.sense?.toString('hex')}`).toBe(0);
-      data.copy(model, lba * BS);
-    };
+    const write = async (i: number) => expectGood(await writeRandom(initiator, model, (i % 30) * 2048 + 5, MiB), `write ${i}`);
     // A first write gives the slow drain a second of work; then the writes go on until the journal fails.
     await waitUntil(() => engine.getBackup(id)!.phase !== 'switching', 30_000, 'the copy to start');
     await write(0);
@@ -725,26 +716,17 @@ describe('capture gaps, in process against tgtd', () => {
     const model = Buffer.from(original);
     const allocatedBefore = fs.statSync(lunFile).blocks * 512;
     const pattern = Buffer.alloc(BS, 0xa5);
-    const good = (r: { status: number; sense?: Buffer }, what: string) => expect(r.status, `${what}: sense ${r.sense?.toString('hex')}`).toBe(0);
-    // The move to detour is a new I_T nexus on main: its UNIT ATTENTION comes once, then the command runs.
-    const command = async (cdb: Buffer, dataOut: Buffer) => {
-      for (let i = 0; ; i++) {
-        const r = await initiator.command(1, cdb, { dataOut });
-        if (i < 3 && r.status === 2 && r.sense && (r.sense[2]! & 0x0f) === 6) continue;
-        return r;
-      }
-    };
     // WRITE SAME of a pattern block, then a plain write over part of it.
-    good(await command(buildWriteSame16(1000, 3000), pattern), 'WRITE SAME');
+    expectGood(await commandPastUnitAttention(initiator, buildWriteSame16(1000, 3000), pattern), 'WRITE SAME');
     for (let i = 1000; i < 4000; i++) pattern.copy(model, i * BS);
     const over = crypto.randomBytes(16 * BS);
     await initiator.write(1, 2000, over, BS);
     over.copy(model, 2000 * BS);
     // WRITE SAME with the UNMAP bit, and an UNMAP: both read back as zeros.
-    good(await command(buildWriteSame16(10_000, 5000, { unmap: true }), Buffer.alloc(BS)), 'WRITE SAME (UNMAP)');
+    expectGood(await commandPastUnitAttention(initiator, buildWriteSame16(10_000, 5000, { unmap: true }), Buffer.alloc(BS)), 'WRITE SAME (UNMAP)');
     model.fill(0, 10_000 * BS, 15_000 * BS);
     const list = buildUnmapParameterList([{ lba: 20_000, blocks: 4096 }]);
-    good(await command(buildUnmap(list.length), list), 'UNMAP');
+    expectGood(await commandPastUnitAttention(initiator, buildUnmap(list.length), list), 'UNMAP');
     model.fill(0, 20_000 * BS, 24_096 * BS);
     // The capture view, before anything is drained.
     expect(engine.getBackup(id)!.phase).toBe('copying');
