@@ -1421,10 +1421,7 @@ export class BackupRun {
    * newer writes. On a full disk this also frees the space the hand-back record needs.
    */
   private async removeDrainedJournal(): Promise<void> {
-    const j = this.journal;
-    if (!j?.failed || this.undrained()) return;
-    await j.close().catch(() => {});
-    await fs.rm(j.dir, { recursive: true, force: true });
+    if (this.journal?.failed && !this.undrained()) await this.disposeJournal();
   }
 
   private async disposeJournal(): Promise<void> {

@@ -1234,8 +1234,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     this.failure = stopped;
     const victims = [...inFlight, ...this.queue.splice(0), ...this.spaceWaiters.splice(0)];
     for (const p of victims) {
-      // Never acknowledged and never to be: a read must not wait for them to be reflected.
-      if (this.unreflectedMap.delete(p.seq)) this.unreflectedBlockCount -= p.blocks;
+      this.forgetUnacknowledged(p);
       p.reject(stopped);
     }
     this.reservedBytes = 0;
@@ -1255,6 +1254,11 @@ export class Journal extends EventEmitter<JournalEvents> {
     for (const w of this.drainWaiters.splice(0)) w.reject(stopped);
     // After the records are rejected, so that the owner hears of it with the state settled.
     if (first) this.emit('failed', stopped);
+  }
+
+  /** A record that will never be acknowledged: no read may wait for it to be reflected. */
+  private forgetUnacknowledged(p: Pending): void {
+    if (this.unreflectedMap.delete(p.seq)) this.unreflectedBlockCount -= p.blocks;
   }
 
   // ---- reflection ----------------------------------------------------------------------------
@@ -1457,10 +1461,7 @@ export class Journal extends EventEmitter<JournalEvents> {
     if (this.closed) return;
     this.closing = true;
     const waiting = this.spaceWaiters.splice(0);
-    for (const p of waiting) {
-      this.unreflectedMap.delete(p.seq);
-      this.unreflectedBlockCount -= p.blocks;
-    }
+    for (const p of waiting) this.forgetUnacknowledged(p);
     // Their seqs were the highest handed out; nothing after them was accepted.
     if (waiting.length > 0) this.assignedSeq = waiting[0]!.seq - 1;
     for (const p of waiting) p.reject(new JournalClosedError(this.dir));
