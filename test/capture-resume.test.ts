@@ -16,6 +16,9 @@ import { afterEach, describe, expect, it, onTestFailed } from 'vitest';
 import { InitiatorSession } from '../src/back/index.ts';
 import { validateConfig } from '../src/control/config.ts';
 import { startProxy } from '../src/control/serve.ts';
+import type { BackupRunOptions } from '../src/capture/backup-run.ts';
+import type { EngineHooks } from '../src/capture/engine.ts';
+import { BackupStore } from '../src/store/backup-store.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { freePort } from './helpers/ports.ts';
 import { waitUntil } from './helpers/wait.ts';
@@ -404,11 +407,16 @@ for (const { topology, signal } of CASES) describe(`backup across a restart of d
 
 const BS = 512;
 const SMALL = 32 * MiB;
+/**
+ * For the tests of what happens while the copy runs. copyRateLimit paces each copy worker after
+ * its chunk, so the default 8 workers copy the first 8 chunks of 4 MiB, all of SMALL, at once.
+ */
+const ONE_CHUNK_AT_A_TIME: Partial<BackupRunOptions> = { copyQueueDepth: 1 };
 
 /** tgtd with a LUN of random data, detour in process (proxy-directed), an initiator on detour's portal. */
 async function inProcess(
   volumeExtra: Record<string, unknown>,
-  o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number; storeBytes?: number } = {},
+  o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number; storeBytes?: number; run?: Partial<BackupRunOptions>; hooks?: EngineHooks } = {},
 ) {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-capture-gaps-'));
   stops.push(async () => fs.rmSync(work, { recursive: true, force: true }));
@@ -446,7 +454,7 @@ async function inProcess(
   // Below what the configuration accepts (128M), so that a few 1 MiB writes fill it.
   if (o.journalCapacity !== undefined) config.volumes[0]!.journalCapacity = o.journalCapacity;
   const lines: string[] = [];
-  const proxy = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines.push(l) }));
+  const proxy = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines.push(l) }), { ...(o.run ? { run: o.run } : {}), ...(o.hooks ? { hooks: o.hooks } : {}) });
   stops.push(() => proxy.close());
   onTestFailed(() => console.log(lines.join('')));
   const initiator = await InitiatorSession.connect({
@@ -499,6 +507,19 @@ async function writeRandom(initiator: InProcess['initiator'], model: Buffer, lba
   return r;
 }
 
+/** Writes `file` until its file system has not a byte left (ENOSPC). */
+function fillDisk(file: string): void {
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.alloc(64 * 1024, 1);
+  try {
+    for (;;) fs.writeSync(fd, chunk);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function expectGood(r: CommandResult, what: string): void {
   expect(r.status, `${what}: sense ${r.sense?.toString('hex')}`).toBe(0);
 }
@@ -515,7 +536,7 @@ describe('capture gaps, in process against tgtd', () => {
       'x.yaml: volumes[0].journalCapacity: must be at least 128M',
     );
     expect(validateConfig({ volumes: [{ name: 'v', target: IQN, main: '127.0.0.1', topology: 'inline', journalCapacity: '8G' }] }, 'x.yaml').volumes[0]!.journalCapacity).toBe(8 * 1024 * MiB);
-    const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '2M' }, { journalCapacity: 8 * MiB });
+    const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '2M' }, { journalCapacity: 8 * MiB, run: ONE_CHUNK_AT_A_TIME });
     const engine = proxy.engine;
     const id = await startCopying(engine, { label: 'small journal' });
 
@@ -621,7 +642,7 @@ describe('capture gaps, in process against tgtd', () => {
 
   it('journal disk full during the copy: no write fails, the backup fails saying why, every write reaches main, the session goes back', async () => {
     // Room for the image (SMALL) and a few MiB of journal: the journal runs out of disk first.
-    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: SMALL + 8 * MiB });
+    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: SMALL + 8 * MiB, run: ONE_CHUNK_AT_A_TIME });
     const engine = proxy.engine;
     const id = await startCopying(engine, { label: 'disk full' });
     const journalDir = path.join(work, 'data', 'volumes', 'vol1', 'journal', id);
@@ -653,9 +674,94 @@ describe('capture gaps, in process against tgtd', () => {
     console.log(`journal disk full: ${writes} writes of 1 MiB, all GOOD, ${afterFailure} of them after the journal failed`);
   }, 120_000);
 
+  it('journal disk without a free byte during the copy: the drain phase is on record before the drain writes main, so a restart would not copy from it', async () => {
+    const recordedAtDrain: string[] = [];
+    let work = '';
+    const hooks: EngineHooks = {
+      // What a restart would read, the moment a drain round has written main.
+      drained: () => void recordedAtDrain.push(JSON.parse(fs.readFileSync(path.join(work, 'data', 'volumes', 'vol1', 'backup-in-progress.json'), 'utf8')).phase),
+    };
+    const t = await inProcess({ copyRateLimit: '1M' }, { dataDirBytes: 8 * MiB, storeBytes: 2 * SMALL, run: ONE_CHUNK_AT_A_TIME, hooks });
+    work = t.work;
+    const { proxy, initiator, lunFile, original, logs } = t;
+    const engine = proxy.engine;
+    const id = await startCopying(engine, { label: 'no byte left' });
+    const volumeDir = path.join(work, 'data', 'volumes', 'vol1');
+    expect(fs.statSync(path.join(volumeDir, 'state-reserve')).blocks * 512).toBeGreaterThanOrEqual(256 * 1024);
+    const model = Buffer.from(original);
+    // Writes the journal takes: the drain owes them to main.
+    for (let i = 0; i < 4; i++) expectGood(await writeRandom(initiator, model, i * 2048 + 7, 64 * 1024), `write ${i}`);
+    // Then something else takes every block left on the journal's disk.
+    fillDisk(path.join(work, 'data', 'filler'));
+    for (let i = 4; i < 8; i++) expectGood(await writeRandom(initiator, model, i * 2048 + 7, 64 * 1024), `write ${i}`);
+    expect(logs().find((l) => l.msg === 'journal failed: it takes no more writes')?.err).toMatch(/ENOSPC/);
+
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+    const b = engine.getBackup(id)!;
+    expect(b.state).toBe('failed');
+    expect(b.error).toMatch(/^the journal could not write \(ENOSPC[^)]*\) before the copy finished/);
+    expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
+    expect(recordedAtDrain.length).toBeGreaterThan(0);
+    expect(recordedAtDrain.every((p) => p === 'draining')).toBe(true);
+    expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(fs.existsSync(path.join(volumeDir, 'journal', id))).toBe(false);
+    expect(fs.existsSync(path.join(volumeDir, 'state-reserve'))).toBe(false);
+    expect(fs.existsSync(path.join(volumeDir, 'backup-in-progress.json'))).toBe(false);
+  }, 120_000);
+
+  it('journal fails while the last chunks of the copy are being written: the image is whole, so the backup goes on and completes', async () => {
+    // The 8 copy workers take all 8 chunks of the image as the copy begins. The store holds back
+    // chunks 1-7 until the journal has failed: the copy is then past taking chunks, not finished.
+    let releaseChunks!: () => void;
+    const chunksHeld = new Promise<void>((resolve) => (releaseChunks = resolve));
+    stops.push(async () => releaseChunks());
+    let writeSent: Promise<CommandResult> | undefined;
+    let t: InProcess | undefined;
+    let model: Buffer | undefined;
+    const hooks: EngineHooks = {
+      // Chunk 0 is in the store: something takes every block left on the journal's disk, and a write comes.
+      copied: () => {
+        if (writeSent || !t || !model) return;
+        fillDisk(path.join(t.work, 'data', 'filler'));
+        writeSent = writeRandom(t.initiator, model, 4096, 64 * 1024);
+      },
+    };
+    const run: Partial<BackupRunOptions> = {};
+    t = await inProcess({}, { dataDirBytes: 4 * MiB, storeBytes: 2 * SMALL, hooks, run });
+    const store = new BackupStore({ path: path.join(t.work, 'store') });
+    run.store = Object.assign(Object.create(store) as BackupStore, {
+      createBackup: async (meta: Parameters<BackupStore['createBackup']>[0]) => {
+        const w = await store.createBackup(meta);
+        const put = w.putChunk.bind(w);
+        w.putChunk = async (i, data) => {
+          if (i > 0) await chunksHeld;
+          return put(i, data);
+        };
+        return w;
+      },
+    });
+    model = Buffer.from(t.original);
+    const { proxy, initiator, lunFile, original, logs } = t;
+    const engine = proxy.engine;
+    const { id } = await engine.startBackup('vol1', { label: 'late journal failure' });
+    const journalFailed = () => logs().find((l) => l.msg === 'journal failed: it takes no more writes');
+    await waitUntil(() => journalFailed() !== undefined, 30_000, 'the journal to fail');
+    expect(journalFailed()!.err).toMatch(/ENOSPC/);
+    expect(journalFailed()!.phase).toBe('copying');
+    releaseChunks();
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    expectGood(await writeSent!, 'the write the journal refused');
+    expect(logs().some((l) => l.msg === 'the copy finished before the journal stopped it: the backup goes on')).toBe(true);
+    expectCompletedWithImageOf(engine, id, original);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+  }, 120_000);
+
   it('backup store disk full during the copy: the backup fails saying so, no write fails, every write reaches main, the session goes back', async () => {
     // Room for half the image.
-    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { storeBytes: SMALL / 2 });
+    const { work, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { storeBytes: SMALL / 2, run: ONE_CHUNK_AT_A_TIME });
     const engine = proxy.engine;
     const id = await startCopying(engine, { label: 'store full' });
     const model = Buffer.from(original);

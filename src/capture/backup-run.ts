@@ -60,6 +60,19 @@ export function interruptedBackupFile(dataDir: string, volume: string): string {
   return path.join(dataDir, 'volumes', volume, 'backup-in-progress.json');
 }
 
+/**
+ * Space set aside on the journal's disk for the backup's own record. The journal fills its disk
+ * before anything else does, and then the record that the drain has begun must still be written:
+ * without it a crash would resume the copy from a main volume the drain has already written.
+ * Released, and the record written into the room it leaves, once the journal has failed.
+ */
+export function stateReserveFile(dataDir: string, volume: string): string {
+  return path.join(dataDir, 'volumes', volume, 'state-reserve');
+}
+
+/** A few state records, their temporary files and a directory block: they need a few KiB. */
+const STATE_RESERVE_BYTES = 256 * 1024;
+
 export function journalDirFor(dataDir: string, volume: string, backupId: string): string {
   return path.join(dataDir, 'volumes', volume, 'journal', backupId);
 }
@@ -321,6 +334,8 @@ export class BackupRun {
   private shutdownWanted = false;
   /** A reason to give the backup up that arose outside the run loop (the journal filling up). */
   private abortReason: Error | undefined;
+  /** The space in stateReserveFile() is this backup's (see setAsideStateReserve). */
+  private stateReserveHeld = false;
   /** Cutover or give-up is under way: it runs to its end, a suspend waits for it. */
   private handingBack = false;
   private handedBack: InterruptedBackup['handedBack'] = null;
@@ -445,7 +460,7 @@ export class BackupRun {
       } else {
         await this.writer?.fail((err as Error).message).catch(() => {});
         if (this.journal) await fs.rm(this.journal.dir, { recursive: true, force: true }).catch(() => {});
-        if (this.stateSaved) await this.removeState().catch(() => {});
+        await this.removeState().catch(() => {});
       }
       this.journal = undefined;
       this.settleDone();
@@ -602,6 +617,14 @@ export class BackupRun {
 
   private async openJournal(): Promise<void> {
     const v = this.volume;
+    try {
+      await this.setAsideStateReserve();
+    } catch (err) {
+      // A new backup does not start without it. A resumed one still owes main its journal's
+      // writes, so it goes on (typically its journal filled the disk before the restart).
+      if (!this.resumed) throw err;
+      this.log.warn({ backupId: this.id, phase: this.phase, err: (err as Error).message }, 'resuming without space set aside for the backup record');
+    }
     this.map = new SnapshotMap({ blockSize: this.blockSize });
     const map = this.map;
     // Recovered records (those not yet drained) are reflected here in seq order, so the map is
@@ -664,6 +687,13 @@ export class BackupRun {
           await this.saveState();
         }
         await this.copy();
+        if (this.abortReason) {
+          // The journal failed or passed its high-water mark while the last chunks were being
+          // written: too late to matter, the image is whole. From here a full journal is
+          // back-pressure and a failed one means a cutover at once, as after any copy.
+          this.log.warn({ backupId: this.id, phase: this.phase, reason: this.abortReason.message }, 'the copy finished before the journal stopped it: the backup goes on');
+          this.abortReason = undefined;
+        }
       }
       // Before the first write to main: from here on a restart must not copy from it.
       this.setPhase('draining');
@@ -736,6 +766,7 @@ export class BackupRun {
 
   private async saveState(): Promise<void> {
     const v = this.volume;
+    if (this.journal?.failed) await this.releaseStateReserve();
     const s: InterruptedBackup = {
       version: 1,
       backupId: this.id,
@@ -757,9 +788,37 @@ export class BackupRun {
   }
 
   private async removeState(): Promise<void> {
+    await this.releaseStateReserve();
     if (!this.stateSaved) return;
     await fs.rm(interruptedBackupFile(this.opts.dataDir, this.volume.name), { force: true });
     this.stateSaved = false;
+  }
+
+  /**
+   * Written, not merely allocated, and made durable: the blocks are the backup's until it ends,
+   * whatever the file system does about sparse or delayed allocation. A restart keeps the one
+   * already there.
+   */
+  private async setAsideStateReserve(): Promise<void> {
+    const file = stateReserveFile(this.opts.dataDir, this.volume.name);
+    try {
+      const st = await fs.stat(file).catch(() => undefined);
+      if (!st || st.size < STATE_RESERVE_BYTES || st.blocks * 512 < STATE_RESERVE_BYTES) {
+        await fs.mkdir(path.dirname(file), { recursive: true });
+        await writeFileAtomic(file, Buffer.alloc(STATE_RESERVE_BYTES));
+      }
+      this.stateReserveHeld = true;
+    } catch (err) {
+      await fs.rm(file, { force: true }).catch(() => {});
+      throw new Error(`could not set aside ${STATE_RESERVE_BYTES} bytes for the backup's record in ${path.dirname(file)}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  private async releaseStateReserve(): Promise<void> {
+    // Only this backup's own: a backup that could not start must not take another's.
+    if (!this.stateReserveHeld) return;
+    await fs.rm(stateReserveFile(this.opts.dataDir, this.volume.name), { force: true });
+    this.stateReserveHeld = false;
   }
 
   /** Recorded before the sessions go back to main: a restart after this must not take them again. */
