@@ -18,6 +18,9 @@ const peers = [
   { bin: 'dumpcap', pkg: 'tshark' },
   { bin: 'curl', pkg: 'curl' },
   { bin: 'script', pkg: 'bsdutils' },
+  // A backup store on a disk of its own that a test makes fail (loop device, ext4).
+  { bin: 'losetup', pkg: 'mount' },
+  { bin: 'mkfs.ext4', pkg: 'e2fsprogs' },
 ];
 // qemu-utils alone cannot open iscsi:// URLs: the libiscsi block driver ships in qemu-block-extra.
 const extraPackages = ['qemu-block-extra'];

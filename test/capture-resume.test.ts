@@ -416,7 +416,16 @@ const ONE_CHUNK_AT_A_TIME: Partial<BackupRunOptions> = { copyQueueDepth: 1 };
 /** tgtd with a LUN of random data, detour in process (proxy-directed), an initiator on detour's portal. */
 async function inProcess(
   volumeExtra: Record<string, unknown>,
-  o: { thinProvisioning?: boolean; journalCapacity?: number; dataDirBytes?: number; storeBytes?: number; run?: Partial<BackupRunOptions>; hooks?: EngineHooks } = {},
+  o: {
+    thinProvisioning?: boolean;
+    journalCapacity?: number;
+    dataDirBytes?: number;
+    storeBytes?: number;
+    /** The store on an ext4 file system of its own, on a loop device over work/store.img. */
+    storeLoopBytes?: number;
+    run?: Partial<BackupRunOptions>;
+    hooks?: EngineHooks;
+  } = {},
 ) {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-capture-gaps-'));
   stops.push(async () => fs.rmSync(work, { recursive: true, force: true }));
@@ -433,6 +442,25 @@ async function inProcess(
   };
   await smallDisk(path.join(work, 'data'), o.dataDirBytes);
   await smallDisk(path.join(work, 'store'), o.storeBytes);
+  // A disk that can be made to fail: I/O past the end of a loop device's backing file gets EIO.
+  let storeLoop: { image: string; device: string } | undefined;
+  if (o.storeLoopBytes !== undefined) {
+    const image = path.join(work, 'store.img');
+    fs.writeFileSync(image, '');
+    fs.truncateSync(image, o.storeLoopBytes);
+    let device: string;
+    try {
+      device = (await run('losetup', ['-f', '--show', image])).stdout.trim();
+    } catch (err) {
+      throw new Error(`this test puts the backup store on a loop device, which needs root: ${(err as Error).message}`);
+    }
+    stops.push(() => run('losetup', ['-d', device]));
+    await run('mkfs.ext4', ['-q', device]);
+    fs.mkdirSync(path.join(work, 'store'));
+    await run('mount', [device, path.join(work, 'store')]);
+    stops.push(() => run('umount', ['-l', path.join(work, 'store')]));
+    storeLoop = { image, device };
+  }
   const lunFile = path.join(work, 'main.img');
   const original = crypto.randomBytes(SMALL);
   fs.writeFileSync(lunFile, original);
@@ -446,7 +474,7 @@ async function inProcess(
     {
       portal: `127.0.0.2:${port}`,
       dataDir: path.join(work, 'data'),
-      ...(o.storeBytes !== undefined ? { backupStore: { path: path.join(work, 'store') } } : {}),
+      ...(o.storeBytes !== undefined || o.storeLoopBytes !== undefined ? { backupStore: { path: path.join(work, 'store') } } : {}),
       volumes: [{ name: 'vol1', target: IQN, main: tgtd.portal, topology: 'proxy-directed', control: { type: 'tgt', tid: 1, controlPort: tgtd.controlPort }, ioTimeoutBudget: '5s', ...volumeExtra }],
     },
     path.join(work, 'detour.yaml'),
@@ -467,7 +495,7 @@ async function inProcess(
   stops.push(async () => initiator.close());
   expect(initiator.connectedPortal).toBe(tgtd.portal);
   const logs = () => lines.map((l) => JSON.parse(l) as Record<string, unknown>);
-  return { work, lunFile, original, tgtd, proxy, initiator, logs };
+  return { work, lunFile, original, tgtd, proxy, initiator, logs, storeLoop };
 }
 
 type InProcess = Awaited<ReturnType<typeof inProcess>>;
@@ -784,6 +812,44 @@ describe('capture gaps, in process against tgtd', () => {
     expect(JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8'))).toMatchObject({ state: 'failed' });
     expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
     console.log(`backup store full: ${writes} writes of 1 MiB during the backup, all GOOD; failed after ${b.bytesCopied / MiB} MiB copied`);
+  }, 120_000);
+
+  it('backup store disk fails (EIO) during the copy: the backup fails saying so, no write fails, every write reaches main, the session goes back', async () => {
+    let t: InProcess | undefined;
+    let broken = false;
+    let copied = 0;
+    const hooks: EngineHooks = {
+      // Two chunks in the store, then the disk under it fails: I/O past its first 16 MiB gets EIO.
+      copied: (_volume, bytes) => {
+        copied += bytes;
+        if (broken || !t?.storeLoop || copied < 8 * MiB) return;
+        broken = true;
+        fs.truncateSync(t.storeLoop.image, 16 * MiB);
+        void run('losetup', ['-c', t.storeLoop.device]);
+      },
+    };
+    t = await inProcess({ copyRateLimit: '8M' }, { storeLoopBytes: 256 * MiB, run: ONE_CHUNK_AT_A_TIME, hooks });
+    const { work, proxy, initiator, lunFile, original, logs } = t;
+    const engine = proxy.engine;
+    const id = await startCopying(engine, { label: 'store disk fails' });
+    const model = Buffer.from(original);
+    let writes = 0;
+    while (engine.getBackup(id)!.state === 'running' && writes < 400) {
+      expectGood(await writeRandom(initiator, model, (writes % 30) * 2048 + 11, 256 * 1024), `write ${writes}`);
+      writes++;
+      await sleep(20);
+    }
+    await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
+    expect(broken).toBe(true);
+    const b = engine.getBackup(id)!;
+    expect(b.state).toBe('failed');
+    expect(b.error).toMatch(new RegExp(`^the backup store could not write \\((EIO|EROFS)[^)]*\\) in ${path.join(work, 'store', id)}; the backup was given up and the journal drained to the main volume$`));
+    expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
+    expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
+    console.log(`backup store disk failing: ${writes} writes of 256 KiB during the backup, all GOOD; failed with ${b.error}`);
   }, 120_000);
 
   it('journal disk full after the copy: the image is whole, so detour cuts over; the backup completes and no write fails', async () => {
