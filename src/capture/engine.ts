@@ -140,8 +140,9 @@ export class Engine implements DetourEngine {
   async findInterrupted(): Promise<InterruptedBackup[]> {
     const found: InterruptedBackup[] = [];
     for (const v of this.volumesByName.values()) {
-      const st = await readInterruptedBackup(this.opts.dataDir, v.name);
+      let st = await readInterruptedBackup(this.opts.dataDir, v.name);
       if (!st) continue;
+      if (!st.handedBack) st = await this.handBackFromStore(st);
       found.push(st);
       if (st.handedBack) {
         this.toFinish.push(st);
@@ -153,6 +154,25 @@ export class Engine implements DetourEngine {
       this.opts.logger.info({ volume: v.name, backupId: st.backupId, phase: st.phase }, 'backup interrupted by a restart: holding the volume to take it up again');
     }
     return found;
+  }
+
+  /**
+   * The store's record of a backup is made final (completed, failed, cancelled) only after its
+   * sessions have gone back to main. A final one beside a record in the data directory that does
+   * not say so means the data directory lost the hand-back (a failing disk, a file system restored
+   * from before): the initiators may have written main since, and replaying the journal would
+   * overwrite their writes with older data. So the backup is finished as handed back. A store that
+   * cannot be read says nothing either way: the journal is replayed, as it must be when the
+   * sessions were still captured.
+   */
+  private async handBackFromStore(st: InterruptedBackup): Promise<InterruptedBackup> {
+    const rec = await this.store.readRecord(st.backupId).catch(() => undefined);
+    if (!rec || rec.state === 'running') return st;
+    this.opts.logger.warn(
+      { volume: st.volume, backupId: st.backupId, phase: st.phase, storeState: rec.state },
+      'the backup store has this backup ended, so its sessions went back to main before the stop: its journal is not replayed',
+    );
+    return { ...st, handedBack: { state: rec.state, error: rec.error } };
   }
 
   /** Takes the interrupted backups up again, in the background. Call once the portal listens. */
