@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -805,7 +806,8 @@ export class BackupRun {
       const st = await fs.stat(file).catch(() => undefined);
       if (!st || st.size < STATE_RESERVE_BYTES || st.blocks * 512 < STATE_RESERVE_BYTES) {
         await fs.mkdir(path.dirname(file), { recursive: true });
-        await writeFileAtomic(file, Buffer.alloc(STATE_RESERVE_BYTES));
+        // Random, not zeros: a file system that compresses or detects zeros would store nothing.
+        await writeFileAtomic(file, randomBytes(STATE_RESERVE_BYTES));
       }
       this.stateReserveHeld = true;
     } catch (err) {
