@@ -443,24 +443,25 @@ async function inProcess(
   await smallDisk(path.join(work, 'data'), o.dataDirBytes);
   await smallDisk(path.join(work, 'store'), o.storeBytes);
   // A disk that can be made to fail: I/O past the end of a loop device's backing file gets EIO.
-  let storeLoop: { image: string; device: string } | undefined;
-  if (o.storeLoopBytes !== undefined) {
-    const image = path.join(work, 'store.img');
+  const loopDisk = async (name: string, bytes: number | undefined) => {
+    if (bytes === undefined) return undefined;
+    const image = path.join(work, `${name}.img`);
     fs.writeFileSync(image, '');
-    fs.truncateSync(image, o.storeLoopBytes);
+    fs.truncateSync(image, bytes);
     let device: string;
     try {
       device = (await run('losetup', ['-f', '--show', image])).stdout.trim();
     } catch (err) {
-      throw new Error(`this test puts the backup store on a loop device, which needs root: ${(err as Error).message}`);
+      throw new Error(`this test puts ${name} on a loop device, which needs root: ${(err as Error).message}`);
     }
     stops.push(() => run('losetup', ['-d', device]));
     await run('mkfs.ext4', ['-q', device]);
-    fs.mkdirSync(path.join(work, 'store'));
-    await run('mount', [device, path.join(work, 'store')]);
-    stops.push(() => run('umount', ['-l', path.join(work, 'store')]));
-    storeLoop = { image, device };
-  }
+    fs.mkdirSync(path.join(work, name));
+    await run('mount', [device, path.join(work, name)]);
+    stops.push(() => run('umount', ['-l', path.join(work, name)]));
+    return { image, device };
+  };
+  const storeLoop = await loopDisk('store', o.storeLoopBytes);
   const lunFile = path.join(work, 'main.img');
   const original = crypto.randomBytes(SMALL);
   fs.writeFileSync(lunFile, original);
@@ -731,6 +732,8 @@ describe('capture gaps, in process against tgtd', () => {
     expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
     expect(recordedAtDrain.length).toBeGreaterThan(0);
     expect(recordedAtDrain.every((p) => p === 'draining')).toBe(true);
+    // Said in the store as well, in case dataDir could not take it.
+    expect(fs.existsSync(path.join(work, 'store', id, 'source-written'))).toBe(true);
     expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
     await logoutOnceBackOnMain(initiator);
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
@@ -850,6 +853,36 @@ describe('capture gaps, in process against tgtd', () => {
     expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
     expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
     console.log(`backup store disk failing: ${writes} writes of 256 KiB during the backup, all GOOD; failed with ${b.error}`);
+  }, 120_000);
+
+  it('restart after the drain began with dataDir still saying copying (its disk failed): the store says so, and the copy is not taken up again', async () => {
+    const { work, config, proxy, initiator, lunFile, original } = await inProcess({ copyRateLimit: '1M' }, { storeBytes: 2 * SMALL, run: ONE_CHUNK_AT_A_TIME });
+    const engine = proxy.engine;
+    const id = await startCopying(engine, { label: 'drain begun, dataDir not told' });
+    const model = Buffer.from(original);
+    expectGood(await writeRandom(initiator, model, 300, 64 * 1024), 'the write during the backup');
+    // Stopped mid-copy: dataDir says copying, the journal holds the write, the store is running.
+    await proxy.close();
+    expect(JSON.parse(fs.readFileSync(path.join(work, 'data', 'volumes', 'vol1', 'backup-in-progress.json'), 'utf8')).phase).toBe('copying');
+    // What the give-up tells the store before its drain writes main, when dataDir cannot take the
+    // record (see 'journal disk without a free byte'): here as if the drain had then begun.
+    const w = await new BackupStore({ path: path.join(work, 'store') }).openBackup(id);
+    expect(w.missingChunks().length).toBeGreaterThan(0);
+    await w.markSourceWritten();
+    await w.close();
+
+    const lines2: string[] = [];
+    const proxy2 = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines2.push(l) }));
+    stops.push(() => proxy2.close());
+    onTestFailed(() => console.log(lines2.join('')));
+    await waitUntil(() => proxy2.engine.getBackup(id) !== undefined && proxy2.engine.getBackup(id)!.state !== 'running', 60_000, 'the resumed backup to end');
+    const b = proxy2.engine.getBackup(id)!;
+    expect(b.state).toBe('failed');
+    expect(b.error).toMatch(/chunks of the image are missing, and the main volume has been written to since the drain began/);
+    expect(lines2.map((l) => JSON.parse(l) as Record<string, unknown>).some((l) => l.msg === 'backup phase' && l.phase === 'copying')).toBe(false);
+    // The journal's write still reached main, and the session went back.
+    await logoutOnceBackOnMain(initiator);
+    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
   }, 120_000);
 
   it('journal disk full after the copy: the image is whole, so detour cuts over; the backup completes and no write fails', async () => {

@@ -595,6 +595,11 @@ export class BackupRun {
     try {
       this.writer = await this.opts.store.openBackup(st.backupId);
       this.bytesCopied = this.writer.progress().bytesDurable;
+      if (this.writer.sourceWritten && (this.phase === 'switching' || this.phase === 'copying')) {
+        // The record in dataDir did not get to say so (a failing disk): the store did.
+        this.log.warn({ backupId: this.id, phase: this.phase }, 'the backup store says the drain had begun: the copy is not taken up again');
+        this.phase = 'draining';
+      }
     } catch (err) {
       // The image is lost, but the journal still holds acknowledged writes: they go to main all
       // the same, and the sessions are handed back; only the backup fails.
@@ -1366,6 +1371,11 @@ export class BackupRun {
     const j = this.journal;
     if (this.undrained() && (this.phase === 'switching' || this.phase === 'copying')) {
       this.setPhase('draining');
+      // Said in the store too: the record below may be on the disk that failed the journal.
+      const w = this.writer;
+      if (w && w.missingChunks().length > 0) {
+        await w.markSourceWritten().catch((err: Error) => this.log.error({ backupId: this.id, phase: this.phase, err: err.message }, 'could not record in the backup store that the drain began'));
+      }
       try {
         await this.saveState();
       } catch (err) {
@@ -1416,7 +1426,7 @@ export class BackupRun {
       }
     }
     if (v.config.topology !== 'inline') v.requestLogoutAll(2);
-    await this.disposeJournal();
+    await this.disposeJournal().catch((err: Error) => this.log.error({ backupId: this.id, phase: this.phase, err: err.message }, 'could not remove the journal'));
   }
 
   /**
@@ -1482,7 +1492,15 @@ export class BackupRun {
    * newer writes. On a full disk this also frees the space the hand-back record needs.
    */
   private async removeDrainedJournal(): Promise<void> {
-    if (this.journal?.failed && !this.undrained()) await this.disposeJournal();
+    if (!this.journal?.failed || this.undrained()) return;
+    try {
+      await this.disposeJournal();
+    } catch (err) {
+      // Its disk may refuse even this (read-only after an I/O error). Everything it held is on
+      // main, so the hand-back goes on; the backup store's final state, written after it, keeps a
+      // restart from replaying the journal (Engine.handBackFromStore).
+      this.log.error({ backupId: this.id, phase: this.phase, err: (err as Error).message }, 'could not remove the drained journal');
+    }
   }
 
   private async disposeJournal(): Promise<void> {

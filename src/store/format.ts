@@ -28,6 +28,11 @@ export const FORMAT_VERSION = 1;
 
 export const MANIFEST_FILE = 'manifest.json';
 export const PROGRESS_FILE = 'progress.log';
+/**
+ * Present once the volume being backed up may have been written since its freeze (a drain of the
+ * capture journal began before the image was whole): its missing chunks must never be copied.
+ */
+export const SOURCE_WRITTEN_FILE = 'source-written';
 export const CHUNKS_DIR = 'chunks';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;

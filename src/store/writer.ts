@@ -52,6 +52,7 @@ import {
   progressLineStored,
   progressLineZero,
   PROGRESS_FILE,
+  SOURCE_WRITTEN_FILE,
   zeroChunkSha256,
   type BackupRecord,
   type BackupState,
@@ -166,6 +167,7 @@ export class BackupWriter {
   private ending = false;
   /** Closed (by close(), or after complete/fail/cancel): nothing more may be done. */
   private closed = false;
+  private sourceWrittenSince = false;
 
   private constructor(
     private record: BackupRecord,
@@ -229,8 +231,28 @@ export class BackupWriter {
     // A torn last line would glue itself to the next record; start appends on a fresh line.
     if (ignored && logText.length && !logText.endsWith('\n')) await log.write('\n');
     const writer = new BackupWriter(record, dir, table, log, release, tuning);
+    writer.sourceWrittenSince = await stat(path.join(dir, SOURCE_WRITTEN_FILE)).then(
+      () => true,
+      () => false,
+    );
     writer.kickAdvance();
     return writer;
+  }
+
+  /** The volume may have been written since the freeze (markSourceWritten), here or before a restart. */
+  get sourceWritten(): boolean {
+    return this.sourceWrittenSince;
+  }
+
+  /**
+   * Records, durably, that the volume may be written from now on while chunks are still missing:
+   * a resumed backup must not copy them. Kept in the store as well as by the caller, because the
+   * caller's own record may be on a disk that has just failed.
+   */
+  async markSourceWritten(): Promise<void> {
+    if (this.sourceWrittenSince) return;
+    await writeFileAtomic(path.join(this.dir, SOURCE_WRITTEN_FILE), `${new Date().toISOString()}\n`);
+    this.sourceWrittenSince = true;
   }
 
   get id(): string {
