@@ -14,12 +14,13 @@ import { buildUnmap, buildUnmapParameterList, buildWrite10, buildWriteSame16 } f
 import pino from 'pino';
 import { afterEach, describe, expect, it, onTestFailed } from 'vitest';
 import { InitiatorSession } from '../src/back/index.ts';
-import { validateConfig } from '../src/control/config.ts';
+import { validateConfig, type DetourConfig } from '../src/control/config.ts';
 import { startProxy } from '../src/control/serve.ts';
 import type { BackupRunOptions } from '../src/capture/backup-run.ts';
 import type { EngineHooks } from '../src/capture/engine.ts';
 import { BackupStore } from '../src/store/backup-store.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
+import { sha256Hex } from './helpers/files.ts';
 import { freePort } from './helpers/ports.ts';
 import { waitUntil } from './helpers/wait.ts';
 import { writeDetourConfig } from './helpers/detour-config.ts';
@@ -48,7 +49,7 @@ afterEach(async () => {
 });
 
 function sha256File(file: string): string {
-  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+  return sha256Hex(fs.readFileSync(file));
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -482,10 +483,7 @@ async function inProcess(
   );
   // Below what the configuration accepts (128M), so that a few 1 MiB writes fill it.
   if (o.journalCapacity !== undefined) config.volumes[0]!.journalCapacity = o.journalCapacity;
-  const lines: string[] = [];
-  const proxy = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines.push(l) }), { ...(o.run ? { run: o.run } : {}), ...(o.hooks ? { hooks: o.hooks } : {}) });
-  stops.push(() => proxy.close());
-  onTestFailed(() => console.log(lines.join('')));
+  const { proxy, logs } = await loggedProxy(config, { ...(o.run ? { run: o.run } : {}), ...(o.hooks ? { hooks: o.hooks } : {}) });
   const initiator = await InitiatorSession.connect({
     portal: `127.0.0.2:${port}`,
     targetName: IQN,
@@ -495,11 +493,19 @@ async function inProcess(
   });
   stops.push(async () => initiator.close());
   expect(initiator.connectedPortal).toBe(tgtd.portal);
-  const logs = () => lines.map((l) => JSON.parse(l) as Record<string, unknown>);
   return { work, config, lunFile, original, tgtd, proxy, initiator, logs, storeLoop };
 }
 
 type InProcess = Awaited<ReturnType<typeof inProcess>>;
+
+/** detour in process, stopped after the test; its log is kept, and printed if the test fails. */
+async function loggedProxy(config: DetourConfig, opts: Parameters<typeof startProxy>[2] = {}) {
+  const lines: string[] = [];
+  const proxy = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines.push(l) }), opts);
+  stops.push(() => proxy.close());
+  onTestFailed(() => console.log(lines.join('')));
+  return { proxy, logs: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
 
 /** Starts a backup of vol1 and waits until it copies; returns its id. */
 async function startCopying(engine: InProcess['proxy']['engine'], opts: { label?: string } = {}): Promise<string> {
@@ -514,7 +520,7 @@ function expectCompletedWithImageOf(engine: InProcess['proxy']['engine'], id: st
   const b = engine.getBackup(id)!;
   expect(b.error).toBeNull();
   expect(b.state).toBe('completed');
-  expect(b.sha256).toBe(crypto.createHash('sha256').update(original).digest('hex'));
+  expect(b.sha256).toBe(sha256Hex(original));
 }
 
 type CommandResult = Awaited<ReturnType<InProcess['initiator']['command']>>;
@@ -593,7 +599,7 @@ describe('capture gaps, in process against tgtd', () => {
     // Handed back to main, where every acknowledged write is.
     await logoutOnceBackOnMain(initiator);
     expect(writes).toBe(24);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     console.log(`journalCapacity 8M: backup given up after ${writesWhileCapturing} writes of 1 MiB during the capture; slowest write ${slowest.ms} ms`);
   }, 120_000);
 
@@ -629,7 +635,7 @@ describe('capture gaps, in process against tgtd', () => {
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
     expectCompletedWithImageOf(engine, id, original);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     console.log(`main target restart: ${writes} writes of 256 KiB, all GOOD`);
   }, 120_000);
 
@@ -666,7 +672,7 @@ describe('capture gaps, in process against tgtd', () => {
     expectCompletedWithImageOf(engine, id, original);
     expect(logs().some((l) => l.msg === 'drain to the main volume works again')).toBe(true);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
   }, 120_000);
 
   it('journal disk full during the copy: no write fails, the backup fails saying why, every write reaches main, the session goes back', async () => {
@@ -697,7 +703,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
     await logoutOnceBackOnMain(initiator);
     // Every write, those the journal took and those it refused, is on main, once.
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     // All on main: a restart has nothing to replay, and the space is free again.
     expect(fs.existsSync(journalDir)).toBe(false);
     console.log(`journal disk full: ${writes} writes of 1 MiB, all GOOD, ${afterFailure} of them after the journal failed`);
@@ -736,7 +742,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(fs.existsSync(path.join(work, 'store', id, 'source-written'))).toBe(true);
     expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     expect(fs.existsSync(path.join(volumeDir, 'journal', id))).toBe(false);
     expect(fs.existsSync(path.join(volumeDir, 'state-reserve'))).toBe(false);
     expect(fs.existsSync(path.join(volumeDir, 'backup-in-progress.json'))).toBe(false);
@@ -787,7 +793,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(logs().some((l) => l.msg === 'the copy finished before the journal stopped it: the backup goes on')).toBe(true);
     expectCompletedWithImageOf(engine, id, original);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
   }, 120_000);
 
   it('backup store disk full during the copy: the backup fails saying so, no write fails, every write reaches main, the session goes back', async () => {
@@ -810,7 +816,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
     expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     // The store keeps the record of the failure, and gives the space back.
     expect(JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8'))).toMatchObject({ state: 'failed' });
     expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
@@ -850,7 +856,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(b.bytesCopied).toBeLessThan(b.bytesTotal);
     expect(logs().some((l) => l.msg === 'could not hand the sessions back cleanly')).toBe(false);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     expect(fs.existsSync(path.join(work, 'data', 'volumes', 'vol1', 'journal', id))).toBe(false);
     console.log(`backup store disk failing: ${writes} writes of 256 KiB during the backup, all GOOD; failed with ${b.error}`);
   }, 120_000);
@@ -871,18 +877,15 @@ describe('capture gaps, in process against tgtd', () => {
     await w.markSourceWritten();
     await w.close();
 
-    const lines2: string[] = [];
-    const proxy2 = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines2.push(l) }));
-    stops.push(() => proxy2.close());
-    onTestFailed(() => console.log(lines2.join('')));
+    const { proxy: proxy2, logs: logs2 } = await loggedProxy(config);
     await waitUntil(() => proxy2.engine.getBackup(id) !== undefined && proxy2.engine.getBackup(id)!.state !== 'running', 60_000, 'the resumed backup to end');
     const b = proxy2.engine.getBackup(id)!;
     expect(b.state).toBe('failed');
     expect(b.error).toMatch(/chunks of the image are missing, and the main volume has been written to since the drain began/);
-    expect(lines2.map((l) => JSON.parse(l) as Record<string, unknown>).some((l) => l.msg === 'backup phase' && l.phase === 'copying')).toBe(false);
+    expect(logs2().some((l) => l.msg === 'backup phase' && l.phase === 'copying')).toBe(false);
     // The journal's write still reached main, and the session went back.
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
   }, 120_000);
 
   it('journal disk full after the copy: the image is whole, so detour cuts over; the backup completes and no write fails', async () => {
@@ -909,7 +912,7 @@ describe('capture gaps, in process against tgtd', () => {
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 30_000, 'the backup to end');
     expectCompletedWithImageOf(engine, id, original);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     expect(fs.existsSync(journalDir)).toBe(false);
   }, 120_000);
 
@@ -929,20 +932,17 @@ describe('capture gaps, in process against tgtd', () => {
     // Back on main, the initiator writes the same blocks again.
     await waitUntil(() => initiator.connectedPortal?.startsWith('127.0.0.1:') === true, 10_000, 'the initiator back on main');
     expectGood(await writeRandom(initiator, model, 100, 64 * 1024), 'the write on main after the hand-back');
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     await proxy.close();
     // The data disk comes back without what was written to it since the copy (a failing disk,
     // a file system restored from before): the record says copying, the journal holds the write.
     fs.rmSync(volumeDir, { recursive: true });
     fs.cpSync(before, volumeDir, { recursive: true });
-    const lines2: string[] = [];
-    const proxy2 = await startProxy(config, pino({ level: 'info' }, { write: (l: string) => void lines2.push(l) }));
-    stops.push(() => proxy2.close());
-    onTestFailed(() => console.log(lines2.join('')));
+    const { proxy: proxy2 } = await loggedProxy(config);
     await waitUntil(() => !fs.existsSync(path.join(volumeDir, 'backup-in-progress.json')), 30_000, 'the restart to deal with the interrupted backup');
     // Long enough for a replay to reach main, had one been started.
     await sleep(2000);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     expect(proxy2.engine.getBackup(id)?.state).toBe('cancelled');
     expect(logs().length).toBeGreaterThan(0);
   }, 120_000);
@@ -1018,7 +1018,7 @@ describe('capture gaps, in process against tgtd', () => {
     await waitUntil(() => engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
     expectCompletedWithImageOf(engine, id, original);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     const rounds = logs().filter((l) => l.msg === 'drain round');
     const commands = rounds.at(-1)!.commands as { writes: number };
     // 2 MiB at 64 KiB per WRITE (detour's largest command to main; tgtd states no smaller
@@ -1068,7 +1068,7 @@ describe('capture gaps, in process against tgtd', () => {
     expect(logs().some((l) => l.msg === 'write limit lifted')).toBe(true);
     expect(perPhase.draining ?? 0).toBeGreaterThan(100);
     await logoutOnceBackOnMain(initiator);
-    expect(crypto.createHash('sha256').update(fs.readFileSync(lunFile)).digest('hex')).toBe(crypto.createHash('sha256').update(model).digest('hex'));
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
     const rounds = logs().filter((l) => l.msg === 'drain round');
     console.log(`writes per phase ${JSON.stringify(perPhase)}; ${rounds.length} drain rounds; limits ${held.map((l) => l.writeLimit).join(', ')} B/s`);
   }, 150_000);

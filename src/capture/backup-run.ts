@@ -437,6 +437,11 @@ export class BackupRun {
     return this.cancelled || this.suspendRequested || this.abortReason !== undefined;
   }
 
+  /** main is still the frozen volume: nothing has been drained to it yet. */
+  private get beforeDrain(): boolean {
+    return this.phase === 'switching' || this.phase === 'copying';
+  }
+
   /** An operator's cancel wins over a shutdown: it ends the backup rather than parking it. */
   private checkStop(): void {
     if (this.cancelled) throw new CancelledError('cancelled');
@@ -595,7 +600,7 @@ export class BackupRun {
     try {
       this.writer = await this.opts.store.openBackup(st.backupId);
       this.bytesCopied = this.writer.progress().bytesDurable;
-      if (this.writer.sourceWritten && (this.phase === 'switching' || this.phase === 'copying')) {
+      if (this.writer.sourceWritten && this.beforeDrain) {
         // The record in dataDir did not get to say so (a failing disk): the store did.
         this.log.warn({ backupId: this.id, phase: this.phase }, 'the backup store says the drain had begun: the copy is not taken up again');
         this.phase = 'draining';
@@ -654,7 +659,7 @@ export class BackupRun {
     const onHighWater = () => {
       const u = j.usage;
       this.log.warn({ backupId: this.id, phase: this.phase, usedBytes: u.usedBytes, capacityBytes: u.capacityBytes }, 'journal above its high-water mark');
-      if (this.phase === 'switching' || this.phase === 'copying') {
+      if (this.beforeDrain) {
         this.abortReason ??= new Error(
           `the journal reached ${Math.round(u.ratio * 100)}% of its capacity (${u.capacityBytes} bytes, journalCapacity) before the copy finished; the backup was given up and the journal drained to the main volume`,
         );
@@ -670,7 +675,7 @@ export class BackupRun {
     j.on('failed', (err) => {
       const cause = err.cause instanceof Error ? err.cause.message : err.message;
       this.log.error({ backupId: this.id, phase: this.phase, err: cause }, 'journal failed: it takes no more writes');
-      if (this.phase === 'switching' || this.phase === 'copying') {
+      if (this.beforeDrain) {
         this.abortReason ??= new Error(`the journal could not write (${cause}) before the copy finished; the backup was given up and the journal drained to the main volume`);
       }
     });
@@ -1369,7 +1374,7 @@ export class BackupRun {
     }
     // The drain below writes main: from here on a restart must not copy from it.
     const j = this.journal;
-    if (this.undrained() && (this.phase === 'switching' || this.phase === 'copying')) {
+    if (this.undrained() && this.beforeDrain) {
       this.setPhase('draining');
       // Said in the store too: the record below may be on the disk that failed the journal.
       const w = this.writer;
@@ -1426,7 +1431,7 @@ export class BackupRun {
       }
     }
     if (v.config.topology !== 'inline') v.requestLogoutAll(2);
-    await this.disposeJournal().catch((err: Error) => this.log.error({ backupId: this.id, phase: this.phase, err: err.message }, 'could not remove the journal'));
+    await this.disposeJournal();
   }
 
   /**
@@ -1492,23 +1497,24 @@ export class BackupRun {
    * newer writes. On a full disk this also frees the space the hand-back record needs.
    */
   private async removeDrainedJournal(): Promise<void> {
-    if (!this.journal?.failed || this.undrained()) return;
-    try {
-      await this.disposeJournal();
-    } catch (err) {
-      // Its disk may refuse even this (read-only after an I/O error). Everything it held is on
-      // main, so the hand-back goes on; the backup store's final state, written after it, keeps a
-      // restart from replaying the journal (Engine.handBackFromStore).
-      this.log.error({ backupId: this.id, phase: this.phase, err: (err as Error).message }, 'could not remove the drained journal');
-    }
+    if (this.journal?.failed && !this.undrained()) await this.disposeJournal();
   }
 
+  /**
+   * Never throws: its disk may refuse even this (read-only after an I/O error), and nothing that
+   * follows (a hand-back, the store's final state) may be skipped for it. A journal left behind
+   * is not replayed over main after a hand-back (Engine.handBackFromStore).
+   */
   private async disposeJournal(): Promise<void> {
     const j = this.journal;
     if (!j) return;
-    await j.close();
-    if (j.drainedSeq >= j.lastSeq || (j.failed && !this.undrained())) await fs.rm(j.dir, { recursive: true, force: true });
-    else this.log.error({ backupId: this.id, dir: j.dir, records: j.records }, 'journal kept: it holds writes that did not reach the main volume');
+    try {
+      await j.close();
+      if (j.drainedSeq >= j.lastSeq || (j.failed && !this.undrained())) await fs.rm(j.dir, { recursive: true, force: true });
+      else this.log.error({ backupId: this.id, dir: j.dir, records: j.records }, 'journal kept: it holds writes that did not reach the main volume');
+    } catch (err) {
+      this.log.error({ backupId: this.id, phase: this.phase, dir: j.dir, err: (err as Error).message }, 'could not remove the journal');
+    }
   }
 
   /** Resolves once every write accepted before the call is on main. */
