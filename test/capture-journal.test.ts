@@ -17,10 +17,13 @@ import {
   type JournalUsage,
 } from '../src/capture/journal.ts';
 import { crc32c } from 'iscsi-node-wire';
+import pino from 'pino';
+import { JournalSpares } from '../src/capture/journal-spares.ts';
 import { SnapshotMap, type MapExtent } from '../src/capture/snapshot-map.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
 const journalModule = path.join(repoRoot, 'src/capture/journal.ts');
+const sparesModule = path.join(repoRoot, 'src/capture/journal-spares.ts');
 
 const dirs: string[] = [];
 async function tempDir(): Promise<string> {
@@ -865,14 +868,25 @@ describe('Journal crash recovery', () => {
     await r.close();
   });
 
-  it('survives SIGKILL of an appending process at random moments (real crash)', async () => {
-    const dir = await tempDir();
+  it.each([
+    ['segments in new files', false],
+    ['segments made of spare files', true],
+  ])('survives SIGKILL of an appending process at random moments (real crash), %s', async (_label, withSpares) => {
+    const root = await tempDir();
+    const dir = path.join(root, 'journal');
+    const spareDir = path.join(root, 'spare');
     // The child appends with 16 concurrent writers, prints every acknowledged seq, and now and
     // then marks older records drained. Its data, lba, length and receive time derive from seq.
     const child = `
       import { pathToFileURL } from 'node:url';
-      const [dir, mod] = process.argv.slice(1);
+      const [dir, mod, sparesMod, spareDir] = process.argv.slice(1);
       const { Journal } = await import(pathToFileURL(mod).href);
+      let spares;
+      if (spareDir) {
+        const { JournalSpares } = await import(pathToFileURL(sparesMod).href);
+        const pino = (await import('pino')).default;
+        spares = new JournalSpares({ dir: spareDir, targetBytes: 0, fileBytes: 128 * 1024, logger: pino({ level: 'silent' }) });
+      }
       function pattern(seq, bytes) {
         const b = Buffer.allocUnsafe(bytes);
         let x = (seq * 2654435761) >>> 0 || 1;
@@ -882,7 +896,7 @@ describe('Journal crash recovery', () => {
         }
         return b;
       }
-      const j = await Journal.open({ dir, blockSize: 512, segmentBytes: 128 * 1024, reflect: () => {} });
+      const j = await Journal.open({ dir, blockSize: 512, segmentBytes: 128 * 1024, reflect: () => {}, ...(spares ? { spares } : {}) });
       const out = (s) => process.stdout.write(s);
       out('ready ' + j.lastSeq + '\\n');
       async function writer() {
@@ -903,7 +917,9 @@ describe('Journal crash recovery', () => {
     `;
     let previousLast = 0;
     for (let round = 0; round < 4; round++) {
-      const proc = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', child, dir, journalModule], {
+      // Enough spares for every segment of a round: each one is made of a spare.
+      if (withSpares) await new JournalSpares({ dir: spareDir, targetBytes: 200 * 128 * 1024, fileBytes: 128 * 1024, logger: pino({ level: 'silent' }) }).refill();
+      const proc = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', child, dir, journalModule, ...(withSpares ? [sparesModule, spareDir] : [])], {
         cwd: repoRoot,
         stdio: ['ignore', 'pipe', 'pipe'],
       });
@@ -928,6 +944,8 @@ describe('Journal crash recovery', () => {
       const acked = lines.filter((l) => l.startsWith('ack ')).map((l) => Number(l.slice(4)));
       const drainedMarks = lines.filter((l) => l.startsWith('drained ')).map((l) => Number(l.slice(8)));
       expect(acked.length).toBeGreaterThan(100);
+      // The child's segments were made of spares (the refill tops them up to 200 every round).
+      if (withSpares) expect((await readdir(spareDir)).filter((n) => n.startsWith('spare-')).length).toBeLessThan(200);
 
       const { j, recs } = await reopen(dir, { segmentBytes: 128 * 1024 });
       const drained = j.drainedSeq;
@@ -950,6 +968,116 @@ describe('Journal crash recovery', () => {
       await j.close();
     }
   }, 180_000);
+});
+
+describe('Journal spares (segment files written in advance)', () => {
+  const SEG = 64 * 1024;
+  const silent = pino({ level: 'silent' });
+  function sparesIn(dir: string, targetBytes: number, fileBytes = SEG): JournalSpares {
+    return new JournalSpares({ dir, targetBytes, fileBytes, logger: silent });
+  }
+  async function copyDir(from: string, to: string): Promise<void> {
+    const { cp } = await import('node:fs/promises');
+    await cp(from, to, { recursive: true });
+  }
+
+  it('a refill writes whole files of random bytes up to the target; pause() stops it without leaving a partial file', async () => {
+    const dir = path.join(await tempDir(), 'spare');
+    const s = sparesIn(dir, 5 * SEG);
+    await s.refill();
+    expect(s.readyBytes).toBe(5 * SEG);
+    const names = (await readdir(dir)).sort();
+    expect(names).toEqual(['spare-1', 'spare-2', 'spare-3', 'spare-4', 'spare-5']);
+    const a = await readFile(path.join(dir, 'spare-1'));
+    const b = await readFile(path.join(dir, 'spare-2'));
+    expect(a.length).toBe(SEG);
+    // Not zeros, and not the same bytes in every file.
+    expect(a.equals(Buffer.alloc(SEG))).toBe(false);
+    expect(a.equals(b)).toBe(false);
+    // A second refill has nothing to do.
+    await s.refill();
+    expect((await readdir(dir)).length).toBe(5);
+
+    const big = path.join(await tempDir(), 'spare');
+    const t = sparesIn(big, 64 << 20, 16 << 20);
+    const running = t.refill();
+    await t.pause();
+    await running;
+    expect(t.readyBytes).toBeLessThan(64 << 20);
+    expect((await readdir(big)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+    // The leftover of a refill killed mid-file is removed when the directory is next read.
+    await writeFile(path.join(big, 'spare-77.tmp'), 'x');
+    const u = sparesIn(big, 64 << 20, 16 << 20);
+    expect(await u.takeInto(path.join(big, 'taken'))).toBe(t.readyBytes > 0);
+    expect((await readdir(big)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+  });
+
+  it('a journal makes its segments of spares; only the newest runs past its records, and recovery finds every record, crashed or closed', async () => {
+    const root = await tempDir();
+    const dir = path.join(root, 'journal');
+    const spares = sparesIn(path.join(root, 'spare'), 8 * SEG);
+    await spares.refill();
+    const j = await openJournal(dir, { segmentBytes: SEG, spares });
+    const written: Array<{ seq: number; blocks: number }> = [];
+    // Where each segment's records end: each group is one record, padded to a 4 KiB boundary.
+    const recordsEnd = new Map<number, number>();
+    // One record per group (each awaited), 4-12 KiB: about four segments.
+    for (let seq = 1; seq <= 30; seq++) {
+      const blocks = 8 + (seq % 3) * 8;
+      const rec = await j.append({ lba: seq * 100, blocks, data: pattern(seq, blocks * 512) });
+      expect(rec.seq).toBe(seq);
+      written.push({ seq, blocks });
+      recordsEnd.set(rec.location.segment, Math.ceil((rec.location.offset + blocks * 512) / 4096) * 4096);
+    }
+    const segs = await segmentFiles(dir);
+    expect(segs.length).toBeGreaterThanOrEqual(3);
+    // Every segment came from a spare.
+    expect(spares.readyBytes).toBe((8 - segs.length) * SEG);
+    const sizes = await Promise.all(segs.map(async (n) => (await stat(path.join(dir, n))).size));
+    // Cut to their records before the next segment took writes...
+    const ends = [...recordsEnd.entries()].sort((a, b) => a[0] - b[0]).map(([, end]) => end);
+    expect(ends.length).toBe(segs.length);
+    expect(sizes.slice(0, -1)).toEqual(ends.slice(0, -1));
+    expect(ends.at(-1)).toBeLessThan(SEG);
+    // ...except the one being written, which still has the spare's length.
+    expect(sizes.at(-1)).toBe(SEG);
+
+    const check = async (from: string, expectTornTail: boolean) => {
+      const { j: r, recs } = await reopen(from, { segmentBytes: SEG });
+      expect(recs.map((x) => x.seq)).toEqual(written.map((w) => w.seq));
+      for (const w of written) {
+        const rec = recs[w.seq - 1]!;
+        expect(rec.lba).toBe(w.seq * 100);
+        expect((await r.readData(rec.location)).equals(pattern(w.seq, w.blocks * 512)), `seq ${w.seq}`).toBe(true);
+      }
+      if (expectTornTail) expect(r.recovery.tornTail).toMatchObject({ discardedRecords: 0 });
+      else expect(r.recovery.tornTail).toBeUndefined();
+      await r.close();
+    };
+    // A crash: the files as they are on disk now, the last one still ending in spare bytes.
+    const crashed = path.join(root, 'crashed');
+    await copyDir(dir, crashed);
+    await check(crashed, true);
+    // A clean close cuts the last segment to its records as well.
+    await j.close();
+    expect((await stat(path.join(dir, segs.at(-1)!))).size).toBe(ends.at(-1));
+    await check(dir, false);
+  });
+
+  it('without spares left, new segments are new files again', async () => {
+    const root = await tempDir();
+    const dir = path.join(root, 'journal');
+    const spares = sparesIn(path.join(root, 'spare'), SEG);
+    await spares.refill();
+    const j = await openJournal(dir, { segmentBytes: SEG, spares });
+    for (let seq = 1; seq <= 20; seq++) await j.append({ lba: seq, blocks: 16, data: pattern(seq, 16 * 512) });
+    expect(spares.readyBytes).toBe(0);
+    await j.close();
+    const { j: r, recs } = await reopen(dir, { segmentBytes: SEG });
+    expect(recs.map((x) => x.seq)).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
+    for (const rec of recs) expect((await r.readData(rec.location)).equals(pattern(rec.seq, 16 * 512))).toBe(true);
+    await r.close();
+  });
 });
 
 describe('Journal draining', () => {

@@ -947,6 +947,36 @@ describe('capture gaps, in process against tgtd', () => {
     expect(logs().length).toBeGreaterThan(0);
   }, 120_000);
 
+  it('journalSpare: the journal is made of files written before the backup; a restart during the copy recovers it, the backup completes byte-exact, and the spares are written again', async () => {
+    // journalCapacity 1G: 16 MiB segments, so 64M of spares are 4 files, and 40 MiB of writes fill 3.
+    const { work, config, proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '4M', journalCapacity: '1G', journalSpare: '64M' }, { run: ONE_CHUNK_AT_A_TIME });
+    const spareDir = path.join(work, 'data', 'volumes', 'vol1', 'journal-spare');
+    const spareFiles = () => fs.readdirSync(spareDir).filter((n) => n.startsWith('spare-')).length;
+    await waitUntil(() => proxy.engine.spareBytes().get('vol1') === 64 * MiB, 60_000, 'the spares written at start');
+    expect(spareFiles()).toBe(4);
+    const id = await startCopying(proxy.engine, { label: 'spares' });
+    const model = Buffer.from(original);
+    for (let i = 0; i < 40; i++) expectGood(await writeRandom(initiator, model, ((i * 7) % 31) * 2048, MiB), `write ${i}`);
+    expect(proxy.engine.getBackup(id)!.phase).toBe('copying');
+    // Three segments, each a spare renamed into the journal.
+    expect(spareFiles()).toBe(1);
+    await proxy.close();
+    const { proxy: proxy2, logs: logs2 } = await loggedProxy(config, { run: ONE_CHUNK_AT_A_TIME });
+    await waitUntil(() => proxy2.engine.getBackup(id)?.state === 'completed' || proxy2.engine.getBackup(id)?.state === 'failed', 120_000, 'the resumed backup to end');
+    expectCompletedWithImageOf(proxy2.engine, id, original);
+    // The stop cut the last segment to its records: the restart found no torn tail.
+    const resumed = logs2().find((l) => l.msg === 'resuming interrupted backup') as { journal?: { tornTail: unknown; records: number } } | undefined;
+    expect(resumed?.journal).toMatchObject({ tornTail: null, records: 40 });
+    await logoutOnceBackOnMain(initiator);
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
+    // Written again for the next backup once this one ended, and not while it ran.
+    await waitUntil(() => proxy2.engine.spareBytes().get('vol1') === 64 * MiB, 60_000, 'the spares written again');
+    expect(spareFiles()).toBe(4);
+    const written = logs2().filter((l) => l.msg === 'journal spares written');
+    expect(written.length).toBe(1);
+    expect(logs().some((l) => l.msg === 'journal spares written')).toBe(true);
+  }, 180_000);
+
   it('drains WRITE SAME and UNMAP records as WRITE SAME(16) (UNMAP bit: tgtd reads unmapped blocks as zeros), and main ends up as the capture view showed', async () => {
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { thinProvisioning: true });
     const engine = proxy.engine;

@@ -82,6 +82,12 @@ describe('config errors: one per kind of mistake, naming the file, the key path 
     expect(problem({ volumes: [volume(), volume({ target: 'iqn.2026-11.test:other' })] })).toBe(`${FILE}: volumes[1].name: volume name 'vol1' is used twice`);
   });
 
+  it('journal spare space larger than the journal may be', () => {
+    expect(problem({ volumes: [volume({ journalCapacity: '1G', journalSpare: '2G' })] })).toBe(`${FILE}: volumes[0].journalSpare: must not be more than journalCapacity: a journal never holds more`);
+    expect(problem({ volumes: [volume({ journalSpare: 'plenty' })] })).toMatch(/volumes\[0\]\.journalSpare: 'plenty' is not a size/);
+    expect(validateConfig({ volumes: [volume({ journalCapacity: '8G', journalSpare: '8G' })] }, FILE).volumes[0]!.journalSpare).toBe(8 * 1024 ** 3);
+  });
+
   it('a token too short to be a secret', () => {
     expect(problem({ volumes: [volume()], token: 'short' })).toBe(`${FILE}: token: must be at least 16 characters`);
   });

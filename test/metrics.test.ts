@@ -34,6 +34,7 @@ const CONTRACT_METRICS: [string, string, string[]][] = [
   ['detour_write_limit_bytes_per_second', 'gauge', ['volume']],
   ['detour_journal_commit_duration_seconds', 'histogram', ['volume']],
   ['detour_journal_commit_records_total', 'counter', ['volume']],
+  ['detour_journal_spare_bytes', 'gauge', ['volume']],
 ];
 
 const READ_10 = Buffer.from([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
@@ -57,6 +58,7 @@ describe('metrics', () => {
     metrics.addCopied('vol1', 4 << 20);
     metrics.addCopied('vol1', 4 << 20);
     metrics.setJournal('vol1', { records: 12, bytes: 49152, unreflected: 3 });
+    metrics.setJournalSpare('vol1', 3 << 28);
     metrics.addDrained('vol1', 8192);
     metrics.observeCutover('vol1', 0.3);
     metrics.backupSucceeded('vol1', new Date('2026-11-03T12:00:00Z'));
@@ -121,6 +123,7 @@ describe('metrics', () => {
     expect(value(s, 'detour_journal_records', { volume: 'vol1' })).toBe(12);
     expect(value(s, 'detour_journal_bytes', { volume: 'vol1' })).toBe(49152);
     expect(value(s, 'detour_journal_unreflected_records', { volume: 'vol1' })).toBe(3);
+    expect(value(s, 'detour_journal_spare_bytes', { volume: 'vol1' })).toBe(3 << 28);
     expect(value(s, 'detour_drain_bytes_total', { volume: 'vol1' })).toBe(8192);
     expect(value(s, 'detour_cutover_pause_seconds_count', { volume: 'vol1' })).toBe(1);
     expect(value(s, 'detour_cutover_pause_seconds_sum', { volume: 'vol1' })).toBeCloseTo(0.3, 9);

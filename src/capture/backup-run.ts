@@ -9,7 +9,7 @@ import type { BackupStore, BackupWriter } from '../store/backup-store.ts';
 import { allocChunkBuffers } from '../store/chunk-memory.ts';
 import { writeFileAtomic } from '../store/durable.ts';
 import { CaptureDevice } from './capture-device.ts';
-import { Journal, type RecordKind } from './journal.ts';
+import { Journal, type JournalSpareSource, type RecordKind } from './journal.ts';
 import { WriteThrottle } from './write-throttle.ts';
 import { describeReservation, MainRouter, ReservationBlockedError, type MainAccess, type MainCommandOptions } from './reservations.ts';
 import { SnapshotMap, type MapExtent } from './snapshot-map.ts';
@@ -134,6 +134,8 @@ export interface BackupRunOptions {
   drainRateLimit?: number;
   /** Byte limit of the journal's files (the volume's journalCapacity). Default unlimited. */
   journalCapacity?: number;
+  /** Files written in advance for the journal's segments (the volume's journalSpare). */
+  journalSpares?: JournalSpareSource;
   /** Take up this interrupted backup instead of starting a new one. */
   resume?: InterruptedBackup;
   hooks?: {
@@ -646,6 +648,7 @@ export class BackupRun {
       reflect: (rec) => map.insert(rec),
       ...(this.opts.hooks?.journalCommit ? { onCommit: this.opts.hooks.journalCommit.bind(undefined, this) } : {}),
       ...(this.opts.journalCapacity !== undefined ? { capacityBytes: this.opts.journalCapacity } : {}),
+      ...(this.opts.journalSpares ? { spares: this.opts.journalSpares } : {}),
     });
     const j = this.journal;
     // Journal capacity policy. While the copy runs, nothing may be drained (the copy reads main as

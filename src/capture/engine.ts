@@ -5,7 +5,8 @@ import type { BackupRecord } from '../store/format.ts';
 import { BackupStore } from '../store/backup-store.ts';
 import { Catalog } from '../store/catalog.ts';
 import { BackupRun, interruptedBackupFile, journalDirFor, readInterruptedBackup, type BackupRunOptions, type InterruptedBackup } from './backup-run.ts';
-import { Journal } from './journal.ts';
+import { defaultSegmentBytes, Journal } from './journal.ts';
+import { JournalSpares, spareDirFor } from './journal-spares.ts';
 import type { Volume } from './volume.ts';
 
 /** What the engine reports to the metrics layer (all optional). */
@@ -54,12 +55,27 @@ export class Engine implements DetourEngine {
   private readonly toFinish: InterruptedBackup[] = [];
   private readonly background = new Set<Promise<void>>();
   private shuttingDown = false;
+  /** Per volume with a journalSpare. */
+  private readonly spares = new Map<string, JournalSpares>();
   private wakeRetries: Array<() => void> = [];
 
   constructor(
     private readonly volumesByName: Map<string, Volume>,
     private readonly opts: { dataDir: string; storePath: string; logger: Logger; hooks?: EngineHooks; run?: Partial<BackupRunOptions> },
   ) {
+    for (const v of volumesByName.values()) {
+      const target = v.config.journalSpare;
+      if (target === undefined || target <= 0) continue;
+      this.spares.set(
+        v.name,
+        new JournalSpares({
+          dir: spareDirFor(opts.dataDir, v.name),
+          targetBytes: target,
+          fileBytes: defaultSegmentBytes(v.config.journalCapacity),
+          logger: opts.logger.child({ volume: v.name }),
+        }),
+      );
+    }
     this.store = new BackupStore({ path: opts.storePath });
     this.catalog = new Catalog(this.store);
   }
@@ -93,6 +109,7 @@ export class Engine implements DetourEngine {
       ...(v.config.copyRateLimit !== undefined ? { copyRateLimit: v.config.copyRateLimit } : {}),
       ...(v.config.drainRateLimit !== undefined ? { drainRateLimit: v.config.drainRateLimit } : {}),
       ...(v.config.journalCapacity !== undefined ? { journalCapacity: v.config.journalCapacity } : {}),
+      ...(this.spares.has(volume) ? { journalSpares: this.spares.get(volume)! } : {}),
       hooks: {
         phase: (r, p) => hooks?.phase?.(r.volume.name, p),
         copied: (r, b) => hooks?.copied?.(r.volume.name, b, r.bytesTotal),
@@ -105,6 +122,7 @@ export class Engine implements DetourEngine {
           hooks?.phase?.(r.volume.name, r.state === 'completed' ? 'done' : undefined);
           if (r.state === 'completed') hooks?.succeeded?.(r.volume.name, r.finishedAt ?? new Date());
           void this.refreshCatalog().catch(() => {});
+          this.refillSpares(volume);
         },
       },
     });
@@ -118,6 +136,8 @@ export class Engine implements DetourEngine {
     const run = this.makeRun(v, o);
     this.active.set(volume, run);
     try {
+      // The refill would share the disk with the journal; what it finished is the journal's.
+      await this.spares.get(volume)?.pause();
       await run.start();
     } catch (err) {
       this.active.delete(volume);
@@ -179,6 +199,19 @@ export class Engine implements DetourEngine {
   resumeInterrupted(): void {
     for (const st of this.toFinish.splice(0)) this.track(this.finishHandedBack(st));
     for (const st of this.held.values()) this.track(this.resumeLoop(this.volumesByName.get(st.volume)!, st));
+    for (const volume of this.spares.keys()) this.refillSpares(volume);
+  }
+
+  /** Tops up a volume's journal spares in the background, unless a backup has the volume. */
+  private refillSpares(volume: string): void {
+    const spares = this.spares.get(volume);
+    if (!spares || this.shuttingDown || this.active.has(volume) || this.held.has(volume)) return;
+    this.track(spares.refill());
+  }
+
+  /** Bytes of journal spares ready, per volume that keeps them. */
+  spareBytes(): Map<string, number> {
+    return new Map([...this.spares].map(([name, s]) => [name, s.readyBytes]));
   }
 
   private track(p: Promise<void>): void {
@@ -198,6 +231,7 @@ export class Engine implements DetourEngine {
       this.active.set(v.name, run);
       this.runs.set(run.id, run);
       try {
+        await this.spares.get(v.name)?.pause();
         await run.start();
         this.opts.hooks?.phase?.(v.name, run.phase);
         return;
@@ -273,7 +307,7 @@ export class Engine implements DetourEngine {
     for (const wake of this.wakeRetries.splice(0)) wake();
     const runs = [...this.active.values()];
     if (runs.length) this.opts.logger.info({ backups: runs.map((r) => r.id) }, 'suspending backups in progress: the next start takes them up again');
-    await Promise.all(runs.map((r) => r.suspend()));
+    await Promise.all([...runs.map((r) => r.suspend()), ...[...this.spares.values()].map((s) => s.pause())]);
     await Promise.allSettled([...this.background]);
   }
 

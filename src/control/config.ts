@@ -113,6 +113,10 @@ const volume = z
     // leaves room for the largest write detour accepts (64 MiB) twice over: a write that can never
     // fit the journal could only be failed.
     journalCapacity: byteSize.refine((n) => n >= 128 * 1024 ** 2, 'must be at least 128M').optional(),
+    // Journal space written in advance, between backups ("8G"): a backup's writes go into blocks
+    // the file system already holds, which makes them durable without a metadata commit each
+    // (see src/capture/journal-spares.ts). It stays on dataDir's disk. None when absent.
+    journalSpare: byteSize.optional(),
   })
   .strict();
 
@@ -130,6 +134,9 @@ const schema = z
     const seen = new Set<string>();
     c.volumes.forEach((v, i) => {
       if (seen.has(v.name)) ctx.addIssue({ code: 'custom', path: ['volumes', i, 'name'], message: `volume name '${v.name}' is used twice` });
+      if (v.journalSpare !== undefined && v.journalCapacity !== undefined && v.journalSpare > v.journalCapacity) {
+        ctx.addIssue({ code: 'custom', path: ['volumes', i, 'journalSpare'], message: 'must not be more than journalCapacity: a journal never holds more' });
+      }
       seen.add(v.name);
     });
   });

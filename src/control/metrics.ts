@@ -42,6 +42,7 @@ export interface DetourMetrics {
   journalRecords: Gauge<VolumeLabel>;
   journalBytes: Gauge<VolumeLabel>;
   journalUnreflected: Gauge<VolumeLabel>;
+  journalSpare: Gauge<VolumeLabel>;
   drainBytes: Counter<VolumeLabel>;
   cutoverPause: Histogram<VolumeLabel>;
   lastBackupSuccess: Gauge<VolumeLabel>;
@@ -91,6 +92,8 @@ export interface DetourMetrics {
   setProgress(volume: string, copied: number, total: number): void;
   addCopied(volume: string, bytes: number): void;
   setJournal(volume: string, journal: { records: number; bytes: number; unreflected: number }): void;
+  /** Bytes of journal spares ready for the volume's next backup (its journalSpare). */
+  setJournalSpare(volume: string, bytes: number): void;
   /** Bytes per second initiator writes are admitted at, or null when they are not held back. */
   setWriteLimit(volume: string, bytesPerSecond: number | null): void;
   addDrained(volume: string, bytes: number): void;
@@ -185,6 +188,12 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
   const journalBytes = new Gauge({
     name: 'detour_journal_bytes',
     help: 'Bytes of write data in the volume journal',
+    labelNames: ['volume'] as const,
+    registers,
+  });
+  const journalSpare = new Gauge({
+    name: 'detour_journal_spare_bytes',
+    help: 'Journal space written in advance for the next backup of the volume (journalSpare)',
     labelNames: ['volume'] as const,
     registers,
   });
@@ -327,6 +336,7 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
     journalRecords,
     journalBytes,
     journalUnreflected,
+    journalSpare,
     drainBytes,
     cutoverPause,
     lastBackupSuccess,
@@ -347,12 +357,16 @@ export function createMetrics(opts: { defaultMetrics?: boolean } = {}): DetourMe
       backupBytesCopied.inc({ volume }, 0);
       backupBytesTotal.set({ volume }, 0);
       setJournal(volume, { records: 0, bytes: 0, unreflected: 0 });
+      journalSpare.set({ volume }, 0);
       drainBytes.inc({ volume }, 0);
       loginRedirects.inc({ volume }, 0);
       backupProgress.set({ volume }, 0);
       writeLimit.set({ volume }, 0);
       commitSeriesOf(volume);
       journalCommitRecords.inc({ volume }, 0);
+    },
+    setJournalSpare(volume, bytes) {
+      journalSpare.set({ volume }, level(bytes));
     },
     setWriteLimit(volume, bytesPerSecond) {
       writeLimit.set({ volume }, bytesPerSecond === null ? 0 : level(bytesPerSecond));

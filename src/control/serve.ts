@@ -121,6 +121,7 @@ export function updateGauges(proxy: RunningProxy, m: DetourMetrics): void {
     m.setWriteLimit(v.name, live ? live.throttle.bytesPerSecond : null);
     if (run?.phase === 'copying') m.setProgress(v.name, run.bytesCopied, run.bytesTotal);
   }
+  for (const [volume, bytes] of proxy.engine.spareBytes()) m.setJournalSpare(volume, bytes);
 }
 
 /**
