@@ -53,7 +53,9 @@ import { createHash, randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Journal } from '../src/capture/journal.ts';
+import pino from 'pino';
+import { defaultSegmentBytes, Journal } from '../src/capture/journal.ts';
+import { JournalSpares } from '../src/capture/journal-spares.ts';
 import type { BackupObject, VolumeView } from '../src/control/model.ts';
 import { parseSizeValue } from '../src/control/config.ts';
 import { parseTgtConnections } from '../src/switch/main-control.ts';
@@ -119,12 +121,14 @@ interface Options {
   loads: Set<string>;
   cpuProfDir: string | undefined;
   top: number;
+  /** journalSpare of the capture section's volume, bytes; undefined: sized from the loads. */
+  journalSpare: number | undefined;
 }
 
 const USAGE =
   'usage: npx tsx scripts/bench-capture.ts [--seconds 8] [--reps 3] [--size 1G] [--rss-sizes 1G,4G]\n' +
   '                                        [--sections capture,copy,cutover,rss] [--loads read-64k,write-64k,write-4k]\n' +
-  '                                        [--capture-rate BYTES] [--cpu-prof DIR] [--top 25]';
+  '                                        [--capture-rate BYTES] [--journal-spare SIZE] [--cpu-prof DIR] [--top 25]';
 
 function size(text: string, what: string): number {
   const n = parseSizeValue(text);
@@ -133,7 +137,7 @@ function size(text: string, what: string): number {
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, loads: new Set(CAPTURE_LOADS.map((l) => l.id)), cpuProfDir: undefined, top: 25 };
+  const o: Options = { seconds: 8, reps: 3, size: GiB, rssSizes: [GiB, 4 * GiB], sections: new Set(SECTIONS), captureRate: undefined, loads: new Set(CAPTURE_LOADS.map((l) => l.id)), cpuProfDir: undefined, top: 25, journalSpare: undefined };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = (): string => {
@@ -158,6 +162,10 @@ function parseOptions(argv: string[]): Options {
       for (const x of l) if (!known.includes(x)) throw new Error(`unknown load ${x} (known: ${known.join(', ')})`);
       o.loads = new Set(l);
     } else if (a === '--capture-rate') o.captureRate = size(value(), '--capture-rate');
+    else if (a === '--journal-spare') {
+      const v = value();
+      o.journalSpare = v === '0' ? 0 : size(v, '--journal-spare');
+    }
     else if (a === '--cpu-prof') o.cpuProfDir = path.resolve(value());
     else if (a === '--top') o.top = Number(value());
     else if (a === '--help' || a === '-h') {
@@ -287,6 +295,13 @@ class Detour {
     return c;
   }
 
+  /** Journal spares ready for the volume (detour_journal_spare_bytes). */
+  async spareBytes(): Promise<number> {
+    const text = await this.call<string>('GET', '/metrics');
+    const line = text.split('\n').find((l) => l.startsWith(`detour_journal_spare_bytes{volume="${VOLUME}"}`));
+    return line ? Number(line.slice(line.lastIndexOf(' ') + 1)) : 0;
+  }
+
   /** A log event of a backup; log lines may trail the API's answer by a moment. */
   async event(backupId: string, msg: string, phase?: string): Promise<LogEvent> {
     for (let i = 0; i < 40; i++) {
@@ -316,7 +331,7 @@ async function startDetour(
   work: string,
   tag: string,
   tgtd: Tgtd,
-  vol: { iqn: string; tid: number; copyRateLimit?: number },
+  vol: { iqn: string; tid: number; copyRateLimit?: number; journalSpare?: number },
   nodeArgs: string[],
   started: Started,
 ): Promise<Detour> {
@@ -325,7 +340,7 @@ async function startDetour(
     {
       name: VOLUME, target: vol.iqn, main: tgtd.portal, topology: 'proxy-directed',
       tgt: { tid: vol.tid, controlPort: tgtd.controlPort },
-      keys: { ioTimeoutBudget: '5s', ...(vol.copyRateLimit ? { copyRateLimit: vol.copyRateLimit } : {}) },
+      keys: { ioTimeoutBudget: '5s', ...(vol.copyRateLimit ? { copyRateLimit: vol.copyRateLimit } : {}), ...(vol.journalSpare ? { journalSpare: vol.journalSpare } : {}) },
     },
     { fileName: `detour-${tag}.yaml`, dataDir: path.join(work, `data-${tag}`), portalHost: DETOUR_HOST, apiHost: MAIN_HOST },
   );
@@ -426,10 +441,17 @@ interface JournalCeiling {
  * and the batch size a commit group gets when every appender is always ready. Context for the
  * write figures, not a goal.
  */
-async function journalCeiling(dir: string, seconds: number): Promise<JournalCeiling> {
+async function journalCeiling(dir: string, seconds: number, withSpares: boolean): Promise<JournalCeiling> {
   const one = async (bytes: number): Promise<{ perSec: number; perGroup: number }> => {
     const jdir = fs.mkdtempSync(path.join(dir, 'journal-ceiling-'));
-    const journal = await Journal.open({ dir: jdir, blockSize: BLOCK_SIZE });
+    // Like the capture section's journal: made of spares when that one is (room for 1.2 GB/s of
+    // 64 KiB records, 0.3 GB/s of 4 KiB ones).
+    let spares: JournalSpares | undefined;
+    if (withSpares) {
+      spares = new JournalSpares({ dir: path.join(jdir, 'spare'), targetBytes: Math.ceil((seconds * (bytes >= 65536 ? 1.2e9 : 0.3e9)) / GiB) * GiB, fileBytes: defaultSegmentBytes(), logger: pino({ level: 'silent' }) });
+      await spares.refill();
+    }
+    const journal = await Journal.open({ dir: path.join(jdir, 'journal'), blockSize: BLOCK_SIZE, ...(spares ? { spares } : {}) });
     try {
       const data = Buffer.allocUnsafe(bytes);
       randomFillSync(data);
@@ -538,10 +560,36 @@ function captureCopyRate(opts: Options): number {
   return opts.captureRate ?? Math.max(64 * 1024, Math.floor(opts.size / (3 * estimate)));
 }
 
+/**
+ * The capture volume's journalSpare: room for every journal write of the section's write loads
+ * at about the rates this host reaches with spares (64 KiB ~700 MB/s, 4 KiB ~120 MB/s of records),
+ * warm-ups included, plus 1 GiB. Spares only come into play for writes, so none without them.
+ */
+function captureJournalSpare(opts: Options): number {
+  if (opts.journalSpare !== undefined) return opts.journalSpare;
+  let bytes = 0;
+  if (opts.loads.has('write-64k')) bytes += (opts.reps * opts.seconds + 2) * 700e6;
+  if (opts.loads.has('write-4k')) bytes += (opts.reps * opts.seconds + 2) * 120e6;
+  return bytes === 0 ? 0 : Math.ceil((bytes + GiB) / GiB) * GiB;
+}
+
 async function captureSection(ctx: Context): Promise<void> {
   const { opts, results } = ctx;
   const rate = captureCopyRate(opts);
-  const d = await startDetour(ctx.work, 'capture', ctx.tgtd, { iqn: MAIN_IQN, tid: MAIN_TID, copyRateLimit: rate }, ctx.nodeArgs, ctx.started);
+  const spare = captureJournalSpare(opts);
+  const d = await startDetour(ctx.work, 'capture', ctx.tgtd, { iqn: MAIN_IQN, tid: MAIN_TID, copyRateLimit: rate, journalSpare: spare }, ctx.nodeArgs, ctx.started);
+  if (spare > 0) {
+    // detour writes them when it starts (as it would have after the volume's previous backup);
+    // the loads must not share the disk with that.
+    const t0 = nowMs();
+    let ready = 0;
+    while ((ready = await d.spareBytes()) < spare) {
+      checkInterrupted();
+      if (nowMs() - t0 > 60_000 + spare / 50e3) throw new Error(`detour wrote only ${fmtSize(ready)} of its ${fmtSize(spare)} journalSpare (is the work directory's disk full? it keeps 1 GiB free)`);
+      await sleep(500);
+    }
+    console.log(`\n  journalSpare ${fmtSize(spare)}: written by detour in ${((nowMs() - t0) / 1000).toFixed(0)} s before the backup (--journal-spare 0 measures without)`);
+  } else console.log('\n  no journalSpare: the journal appends to new files');
   ctx.profiled.set(d.pid, 'detour serve (capture section)');
   const urls: Record<PathId, string> = { direct: ctx.directUrl, detour: d.url };
   // Outside a backup detour redirects the login to tgtd: same LUN, same geometry.
@@ -618,6 +666,10 @@ async function captureSection(ctx: Context): Promise<void> {
     }
     const end = await d.backup(backupId);
     console.log(`  journal at the end: ${end.journal.records} records, ${(end.journal.bytes / MiB).toFixed(0)} MiB; copied ${(end.bytesCopied / MiB).toFixed(0)} of ${(end.bytesTotal / MiB).toFixed(0)} MiB`);
+    if (spare > 0) {
+      const left = await d.spareBytes();
+      console.log(`  journal spares left: ${fmtSize(left)} of ${fmtSize(spare)}${left === 0 ? ' (they ran out: the last writes appended to new files; pass a larger --journal-spare)' : ''}`);
+    }
   } finally {
     // Cancelling drains the journal back to tgtd and hands the sessions back.
     if (backupId) {
@@ -861,10 +913,10 @@ async function main(): Promise<number> {
     console.log(`  work directory's disk, write + fdatasync at QD 1: 2 MiB writes ${(disk.bytesPerSec / 1e6).toFixed(0)} MB/s, 4 KiB writes ${disk.smallSyncsPerSec.toFixed(0)}/s`);
     if (opts.sections.has('capture')) {
       await flushDirtyPages();
-      const j = await journalCeiling(work, 3);
+      const j = await journalCeiling(work, 3, captureJournalSpare(opts) > 0);
       results.journal = j;
       console.log(
-        `  detour's journal alone on that disk, QD ${QUEUE_DEPTH}, no network: 64 KiB appends ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s, ` +
+        `  detour's journal alone on that disk${captureJournalSpare(opts) > 0 ? ' (made of spares)' : ''}, QD ${QUEUE_DEPTH}, no network: 64 KiB appends ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s, ` +
           `4 KiB appends ${j.smallPerSec.toFixed(0)}/s (${j.perGroup[0].toFixed(1)} and ${j.perGroup[1].toFixed(1)} records per commit group)`,
       );
     }
@@ -905,6 +957,8 @@ async function main(): Promise<number> {
     if (opts.sections.has('capture')) {
       await section('capture', () => captureSection(ctx));
       for (const d of started.detours) await d.server.stop();
+      // Its journal spares: gigabytes the later sections' disk does not need to carry.
+      fs.rmSync(path.join(work, 'data-capture'), { recursive: true, force: true });
     }
     if (opts.sections.has('copy')) {
       let d: Detour | undefined;

@@ -972,6 +972,7 @@ describe('Journal crash recovery', () => {
 
 describe('Journal spares (segment files written in advance)', () => {
   const SEG = 64 * 1024;
+  const MiB = 1024 * 1024;
   const silent = pino({ level: 'silent' });
   function sparesIn(dir: string, targetBytes: number, fileBytes = SEG): JournalSpares {
     return new JournalSpares({ dir, targetBytes, fileBytes, logger: silent });
@@ -997,6 +998,11 @@ describe('Journal spares (segment files written in advance)', () => {
     // A second refill has nothing to do.
     await s.refill();
     expect((await readdir(dir)).length).toBe(5);
+    // journalSpare made smaller: the newest files beyond it go.
+    const smaller = sparesIn(dir, 2 * SEG);
+    await smaller.refill();
+    expect(smaller.readyBytes).toBe(2 * SEG);
+    expect((await readdir(dir)).sort()).toEqual(['spare-1', 'spare-2']);
 
     const big = path.join(await tempDir(), 'spare');
     const t = sparesIn(big, 64 << 20, 16 << 20);
@@ -1010,6 +1016,38 @@ describe('Journal spares (segment files written in advance)', () => {
     const u = sparesIn(big, 64 << 20, 16 << 20);
     expect(await u.takeInto(path.join(big, 'taken'))).toBe(t.readyBytes > 0);
     expect((await readdir(big)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
+  });
+
+  it('a refill leaves dataDir 1 GiB free (a file system without O_DIRECT: tmpfs)', async () => {
+    const dir = path.join(await tempDir(), 'small');
+    const { mkdir } = await import('node:fs/promises');
+    await mkdir(dir);
+    const run = (cmd: string, args: string[]) =>
+      new Promise<void>((resolve, reject) => {
+        const p = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+        p.on('error', reject);
+        p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(' ')}: ${err.trim()}`))));
+      });
+    try {
+      await run('mount', ['-t', 'tmpfs', '-o', `size=${(1 << 30) + 48 * MiB}`, 'tmpfs', dir]);
+    } catch (err) {
+      throw new Error(`this test mounts a small tmpfs at ${dir}, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
+    }
+    try {
+      const lines: string[] = [];
+      const s = new JournalSpares({ dir: path.join(dir, 'spare'), targetBytes: 512 * MiB, fileBytes: 16 * MiB, logger: pino({ level: 'warn' }, { write: (l: string) => void lines.push(l) }) });
+      await s.refill();
+      // 48 MiB above the margin: three files of 16 MiB, then it stops and says why.
+      expect(s.readyBytes).toBe(48 * MiB);
+      expect(lines.join('')).toContain('journal spares stop short of journalSpare: dataDir keeps 1024 MiB free');
+      const a = await readFile(path.join(dir, 'spare', 'spare-1'));
+      expect(a.length).toBe(16 * MiB);
+      expect(a.subarray(0, 4096).equals(Buffer.alloc(4096))).toBe(false);
+    } finally {
+      await run('umount', ['-l', dir]);
+    }
   });
 
   it('a journal makes its segments of spares; only the newest runs past its records, and recovery finds every record, crashed or closed', async () => {

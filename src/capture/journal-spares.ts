@@ -18,7 +18,7 @@
 // compete with the journal for the disk.
 import { randomFillSync } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { mkdir, open, readdir, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { JournalSpareSource } from './journal.ts';
@@ -30,6 +30,11 @@ export function spareDirFor(dataDir: string, volume: string): string {
 
 const SPARE_RE = /^spare-(\d+)$/;
 const WRITE_BYTES = 8 << 20;
+/**
+ * Free space a refill leaves on dataDir's file system: the other files there (the backup record,
+ * its reserve, the journal beyond its spares) must still fit.
+ */
+export const SPARE_FREE_MARGIN = 1 << 30;
 
 let fillBuffer: Buffer | undefined;
 
@@ -133,9 +138,19 @@ export class JournalSpares implements JournalSpareSource {
   private async fillLoop(): Promise<void> {
     await this.load();
     await mkdir(this.dir, { recursive: true });
+    // A smaller journalSpare than before: the newest files beyond it go.
+    while (this.ready!.length > 0 && this.readyBytes - this.ready!.at(-1)!.bytes >= this.targetBytes) {
+      await unlink(path.join(this.dir, this.ready!.pop()!.name)).catch(() => undefined);
+    }
     const started = performance.now();
     let written = 0;
     while (!this.stopFill && this.readyBytes < this.targetBytes) {
+      const fs = await statfs(this.dir);
+      const free = fs.bavail * fs.bsize;
+      if (free - this.fileBytes < SPARE_FREE_MARGIN) {
+        this.log.warn({ dir: this.dir, readyBytes: this.readyBytes, targetBytes: this.targetBytes, freeBytes: free }, `journal spares stop short of journalSpare: dataDir keeps ${SPARE_FREE_MARGIN >> 20} MiB free`);
+        break;
+      }
       const name = `spare-${this.nextNumber++}`;
       if (!(await this.writeOne(name))) break;
       this.ready!.push({ name, bytes: this.fileBytes });
