@@ -1102,6 +1102,56 @@ describe('Journal spares (segment files written in advance)', () => {
     await check(dir, false);
   });
 
+  it('a drain round that removes the segment being cut to its records does not close the file under the cut', async () => {
+    const root = await tempDir();
+    const spares = sparesIn(path.join(root, 'spare'), 4 * SEG);
+    await spares.refill();
+    const hold = gate();
+    let holding = false;
+    // Each file is closed for good when close() is called: later calls fail as on a closed descriptor.
+    const fs: JournalFileSystem = {
+      ...nodeJournalFs,
+      async openFile(file, mode) {
+        const f = await nodeJournalFs.openFile(file, mode);
+        let closed = false;
+        const open = <T>(op: () => Promise<T>): Promise<T> => (closed ? Promise.reject(Object.assign(new Error('EBADF: file closed'), { code: 'EBADF' })) : op());
+        return {
+          write: (b, p) => open(() => f.write(b, p)),
+          writeDurable: (b, p) => open(() => f.writeDurable!(b, p)),
+          writesDone: () => f.writesDone?.() ?? Promise.resolve(),
+          read: (b, p) => open(() => f.read(b, p)),
+          truncate: async (n) => {
+            if (holding) await hold.promise;
+            return open(() => f.truncate(n));
+          },
+          size: () => open(() => f.size()),
+          datasync: () => open(() => f.datasync()),
+          close: () => {
+            closed = true;
+            return f.close();
+          },
+        };
+      },
+    };
+    const j = await openJournal(path.join(root, 'journal'), { segmentBytes: SEG, spares, fs, reflect: () => {} });
+    // Five groups of 12 KiB (8 KiB of data, header, padding) in the first segment; a sixth does not fit.
+    for (let seq = 1; seq <= 5; seq++) await j.append({ lba: seq * 16, blocks: 16, data: pattern(seq, 16 * 512) });
+    holding = true;
+    const sixth = j.append({ lba: 96, blocks: 16, data: pattern(6, 16 * 512) });
+    await tick();
+    // The roll is cutting segment 1 to its records; a drain round now removes segment 1.
+    await j.markDrained(5);
+    expect(await segmentFiles(path.join(root, 'journal'))).not.toContain('segment-0000000000000001.jnl');
+    hold.open();
+    expect((await sixth).seq).toBe(6);
+    expect(j.failed).toBeUndefined();
+    await j.close();
+    const { j: r, recs } = await reopen(path.join(root, 'journal'), { segmentBytes: SEG });
+    expect(recs.map((x) => x.seq)).toEqual([6]);
+    expect((await r.readData(recs[0]!.location)).equals(pattern(6, 16 * 512))).toBe(true);
+    await r.close();
+  });
+
   it('without spares left, new segments are new files again', async () => {
     const root = await tempDir();
     const dir = path.join(root, 'journal');

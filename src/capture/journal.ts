@@ -1265,10 +1265,20 @@ export class Journal extends EventEmitter<JournalEvents> {
   /** Cuts a segment made from a spare to the records written in it, durably. */
   private async trimSpareTail(seg: Segment): Promise<void> {
     if (seg.allocated <= seg.written) return;
-    await seg.file.truncate(seg.written);
-    await seg.file.datasync();
-    this.stats.fsyncs++;
-    seg.allocated = seg.written;
+    // Pinned like a reader: a drain round may delete the segment meanwhile (its records all
+    // drained), and must not close the file under the truncate. A deleted segment needs no cut.
+    seg.readers++;
+    try {
+      await seg.file.truncate(seg.written);
+      await seg.file.datasync();
+      this.stats.fsyncs++;
+      seg.allocated = seg.written;
+    } catch (err) {
+      if (!seg.deleted) throw err;
+    } finally {
+      seg.readers--;
+      if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);
+    }
   }
 
   /** A durable record reaches the owner: through the hook, or kept as unreflected. */
