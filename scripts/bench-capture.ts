@@ -12,9 +12,13 @@
 //
 //   npx tsx scripts/bench-capture.ts [--seconds 8] [--reps 3] [--size 1G] [--rss-sizes 1G,4G]
 //                                    [--sections capture,copy,cutover,rss] [--capture-rate BYTES]
-//                                    [--loads read-64k,write-64k,write-4k] [--cpu-prof DIR] [--top 25]
+//                                    [--loads read-64k,write-64k,write-4k] [--journal-spare SIZE]
+//                                    [--cpu-prof DIR] [--top 25]
 //
 // --loads picks which of the three capture-section loads run (all by default), for profiling one.
+// --journal-spare sets the capture volume's journalSpare (0: none). By default it is sized from the
+// write loads, so that every journal segment they fill is a file detour wrote in advance, as it
+// is on a volume configured with journalSpare (see README, "Journal spares").
 //
 // It is a report, not a gate: it exits 0 whether the goals are met or not, 1 only when the set-up
 // failed or a measurement could not be taken, 130 when interrupted (every process is stopped).
