@@ -977,6 +977,33 @@ describe('capture gaps, in process against tgtd', () => {
     expect(logs().some((l) => l.msg === 'journal spares written')).toBe(true);
   }, 180_000);
 
+  it('journalSpare: a backup that starts while the spares are being written stops that first, and they are written to the end once the backup is over', async () => {
+    const GiB = 1024 * MiB;
+    const { work, proxy, initiator, original, lunFile, logs } = await inProcess({ copyRateLimit: '16M', journalCapacity: '8G', journalSpare: '4G' });
+    const spareDir = path.join(work, 'data', 'volumes', 'vol1', 'journal-spare');
+    const names = () => (fs.existsSync(spareDir) ? fs.readdirSync(spareDir) : []);
+    await waitUntil(() => names().length > 0, 20_000, 'the spares to be under way');
+    const id = await startCopying(proxy.engine);
+    // Stopped before the backup started, its unfinished file removed.
+    const stopped = logs().find((l) => l.msg === 'journal spares written') as { stopped?: boolean; readyBytes?: number } | undefined;
+    expect(stopped?.stopped).toBe(true);
+    expect(names().filter((n) => n.endsWith('.tmp'))).toEqual([]);
+    const ready = proxy.engine.spareBytes().get('vol1')!;
+    expect(ready).toBeLessThan(4 * GiB);
+    expect(ready).toBe(stopped!.readyBytes);
+    const model = Buffer.from(original);
+    expectGood(await writeRandom(initiator, model, 4096, MiB), 'a write during the copy');
+    await sleep(1000);
+    // Nothing written to the spares while the backup runs: at most the journal took one.
+    expect(proxy.engine.spareBytes().get('vol1')!).toBeLessThanOrEqual(ready);
+    await waitUntil(() => proxy.engine.getBackup(id)!.state !== 'running', 60_000, 'the backup to end');
+    expectCompletedWithImageOf(proxy.engine, id, original);
+    await logoutOnceBackOnMain(initiator);
+    expect(sha256File(lunFile)).toBe(sha256Hex(model));
+    await waitUntil(() => proxy.engine.spareBytes().get('vol1') === 4 * GiB, 120_000, 'the spares written to the end');
+    expect(names().filter((n) => n.startsWith('spare-')).length).toBe(32);
+  }, 180_000);
+
   it('drains WRITE SAME and UNMAP records as WRITE SAME(16) (UNMAP bit: tgtd reads unmapped blocks as zeros), and main ends up as the capture view showed', async () => {
     const { proxy, initiator, lunFile, original, logs } = await inProcess({ copyRateLimit: '8M' }, { thinProvisioning: true });
     const engine = proxy.engine;

@@ -141,6 +141,7 @@ export class Engine implements DetourEngine {
       await run.start();
     } catch (err) {
       this.active.delete(volume);
+      this.refillSpares(volume);
       throw err;
     }
     this.runs.set(run.id, run);

@@ -156,7 +156,7 @@ export class JournalSpares implements JournalSpareSource {
       this.ready!.push({ name, bytes: this.fileBytes });
       written += this.fileBytes;
     }
-    if (written > 0) {
+    if (written > 0 || this.stopFill) {
       this.log.info(
         { dir: this.dir, writtenBytes: written, readyBytes: this.readyBytes, seconds: Math.round((performance.now() - started) / 100) / 10, stopped: this.stopFill },
         'journal spares written',
