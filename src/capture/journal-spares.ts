@@ -79,8 +79,12 @@ export class JournalSpares implements JournalSpareSource {
         await rename(path.join(this.dir, f.name), file);
         return true;
       } catch (err) {
-        // Gone (removed by hand): the next one. Anything else (another file system): none.
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+        // Gone (removed by hand): the next one. Anything else (another file system): none, and
+        // the file stays counted as ready.
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+          this.ready!.unshift(f);
+          throw err;
+        }
       }
     }
     return false;
