@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { cp, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -19,6 +19,7 @@ import {
 import { crc32c } from 'iscsi-node-wire';
 import pino from 'pino';
 import { JournalSpares } from '../src/capture/journal-spares.ts';
+import { mountTmpfs } from './helpers/small-disk.ts';
 import { SnapshotMap, type MapExtent } from '../src/capture/snapshot-map.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
@@ -977,10 +978,6 @@ describe('Journal spares (segment files written in advance)', () => {
   function sparesIn(dir: string, targetBytes: number, fileBytes = SEG): JournalSpares {
     return new JournalSpares({ dir, targetBytes, fileBytes, logger: silent });
   }
-  async function copyDir(from: string, to: string): Promise<void> {
-    const { cp } = await import('node:fs/promises');
-    await cp(from, to, { recursive: true });
-  }
 
   it('a refill writes whole files of random bytes up to the target; pause() stops it without leaving a partial file', async () => {
     const dir = path.join(await tempDir(), 'spare');
@@ -1014,27 +1011,13 @@ describe('Journal spares (segment files written in advance)', () => {
     // The leftover of a refill killed mid-file is removed when the directory is next read.
     await writeFile(path.join(big, 'spare-77.tmp'), 'x');
     const u = sparesIn(big, 64 << 20, 16 << 20);
-    expect(await u.takeInto(path.join(big, 'taken'))).toBe(t.readyBytes > 0);
+    expect((await u.takeInto(path.join(big, 'taken'))) !== undefined).toBe(t.readyBytes > 0);
     expect((await readdir(big)).filter((n) => n.endsWith('.tmp'))).toEqual([]);
   });
 
   it('a refill leaves dataDir 1 GiB free (a file system without O_DIRECT: tmpfs)', async () => {
     const dir = path.join(await tempDir(), 'small');
-    const { mkdir } = await import('node:fs/promises');
-    await mkdir(dir);
-    const run = (cmd: string, args: string[]) =>
-      new Promise<void>((resolve, reject) => {
-        const p = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-        let err = '';
-        p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-        p.on('error', reject);
-        p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(' ')}: ${err.trim()}`))));
-      });
-    try {
-      await run('mount', ['-t', 'tmpfs', '-o', `size=${(1 << 30) + 48 * MiB}`, 'tmpfs', dir]);
-    } catch (err) {
-      throw new Error(`this test mounts a small tmpfs at ${dir}, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
-    }
+    const unmount = await mountTmpfs(dir, (1 << 30) + 48 * MiB);
     try {
       const lines: string[] = [];
       const s = new JournalSpares({ dir: path.join(dir, 'spare'), targetBytes: 512 * MiB, fileBytes: 16 * MiB, logger: pino({ level: 'warn' }, { write: (l: string) => void lines.push(l) }) });
@@ -1046,7 +1029,7 @@ describe('Journal spares (segment files written in advance)', () => {
       expect(a.length).toBe(16 * MiB);
       expect(a.subarray(0, 4096).equals(Buffer.alloc(4096))).toBe(false);
     } finally {
-      await run('umount', ['-l', dir]);
+      await unmount();
     }
   });
 
@@ -1094,7 +1077,7 @@ describe('Journal spares (segment files written in advance)', () => {
     };
     // A crash: the files as they are on disk now, the last one still ending in spare bytes.
     const crashed = path.join(root, 'crashed');
-    await copyDir(dir, crashed);
+    await cp(dir, crashed, { recursive: true });
     await check(crashed, true);
     // A clean close cuts the last segment to its records as well.
     await j.close();

@@ -21,6 +21,7 @@ import type { EngineHooks } from '../src/capture/engine.ts';
 import { BackupStore } from '../src/store/backup-store.ts';
 import { DetourProcess } from './helpers/detour-process.ts';
 import { sha256Hex } from './helpers/files.ts';
+import { mountTmpfs } from './helpers/small-disk.ts';
 import { freePort } from './helpers/ports.ts';
 import { waitUntil } from './helpers/wait.ts';
 import { writeDetourConfig } from './helpers/detour-config.ts';
@@ -433,13 +434,7 @@ async function inProcess(
   // A file system of its own, as small as asked: the disk really fills up (ENOSPC).
   const smallDisk = async (dir: string, bytes: number | undefined) => {
     if (bytes === undefined) return;
-    fs.mkdirSync(dir);
-    try {
-      await run('mount', ['-t', 'tmpfs', '-o', `size=${bytes}`, 'tmpfs', dir]);
-    } catch (err) {
-      throw new Error(`this test mounts a small tmpfs at ${dir}, which needs root (CAP_SYS_ADMIN): ${(err as Error).message}`);
-    }
-    stops.push(() => run('umount', ['-l', dir]));
+    stops.push(await mountTmpfs(dir, bytes));
   };
   await smallDisk(path.join(work, 'data'), o.dataDirBytes);
   await smallDisk(path.join(work, 'store'), o.storeBytes);

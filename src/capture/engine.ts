@@ -99,6 +99,7 @@ export class Engine implements DetourEngine {
   private makeRun(v: Volume, o: { label?: string; resume?: InterruptedBackup }): BackupRun {
     const hooks = this.opts.hooks;
     const volume = v.name;
+    const spares = this.spares.get(volume);
     return new BackupRun(v, {
       ...(o.label !== undefined ? { label: o.label } : {}),
       ...(o.resume ? { resume: o.resume } : {}),
@@ -109,7 +110,7 @@ export class Engine implements DetourEngine {
       ...(v.config.copyRateLimit !== undefined ? { copyRateLimit: v.config.copyRateLimit } : {}),
       ...(v.config.drainRateLimit !== undefined ? { drainRateLimit: v.config.drainRateLimit } : {}),
       ...(v.config.journalCapacity !== undefined ? { journalCapacity: v.config.journalCapacity } : {}),
-      ...(this.spares.has(volume) ? { journalSpares: this.spares.get(volume)! } : {}),
+      ...(spares ? { journalSpares: spares } : {}),
       hooks: {
         phase: (r, p) => hooks?.phase?.(r.volume.name, p),
         copied: (r, b) => hooks?.copied?.(r.volume.name, b, r.bytesTotal),

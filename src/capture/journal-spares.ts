@@ -71,13 +71,13 @@ export class JournalSpares implements JournalSpareSource {
     return (this.ready ?? []).reduce((sum, f) => sum + f.bytes, 0);
   }
 
-  async takeInto(file: string): Promise<boolean> {
+  async takeInto(file: string): Promise<number | undefined> {
     await this.load();
     while (this.ready!.length > 0) {
       const f = this.ready!.shift()!;
       try {
         await rename(path.join(this.dir, f.name), file);
-        return true;
+        return f.bytes;
       } catch (err) {
         // Gone (removed by hand): the next one. Anything else (another file system): none, and
         // the file stays counted as ready.
@@ -87,7 +87,7 @@ export class JournalSpares implements JournalSpareSource {
         }
       }
     }
-    return false;
+    return undefined;
   }
 
   /**

@@ -280,10 +280,10 @@ export function defaultSegmentBytes(capacityBytes = Number.POSITIVE_INFINITY): n
 export interface JournalSpareSource {
   /**
    * Renames one spare file to `file` (in the journal's directory, on the same file system) and
-   * resolves true, or resolves false when there is none. Its bytes must not be records of this
-   * journal: recovery takes the first bytes that are not a record of it as the journal's end.
+   * resolves to its length, or to undefined when there is none. Its bytes must not be records of
+   * this journal: recovery takes the first bytes that are not a record of it as the journal's end.
    */
-  takeInto(file: string): Promise<boolean>;
+  takeInto(file: string): Promise<number | undefined>;
 }
 
 export interface JournalOptions {
@@ -1227,18 +1227,9 @@ export class Journal extends EventEmitter<JournalEvents> {
     // Only the newest segment may end in bytes that are not records: recovery reads a bad record
     // anywhere else as damage. So a spare's unused tail goes before the next segment takes writes.
     if (previous && !previous.deleted) await this.trimSpareTail(previous);
-    const reused = this.spares ? await this.takeSpare(name) : false;
-    const file = await this.fs.openFile(name, reused ? 'existing' : 'create');
-    let allocated = 0;
-    if (reused) {
-      try {
-        allocated = await file.size();
-      } catch (err) {
-        await file.close().catch(() => undefined);
-        throw err;
-      }
-    }
-    const seg: Segment = { id, file, size: 0, written: 0, lastSeq: 0, readers: 0, deleted: false, allocated };
+    const spareBytes = this.spares ? await this.takeSpare(name) : undefined;
+    const file = await this.fs.openFile(name, spareBytes === undefined ? 'create' : 'existing');
+    const seg: Segment = { id, file, size: 0, written: 0, lastSeq: 0, readers: 0, deleted: false, allocated: spareBytes ?? 0 };
     this.segments.set(id, seg);
     this.active = seg;
     // Not awaited, so the roll does not wait for it: the previous segment's writes were each
@@ -1254,11 +1245,11 @@ export class Journal extends EventEmitter<JournalEvents> {
    * Moves a spare into place as segment file `name`. A spare that cannot be taken is no reason to
    * stop: the segment is then a new file, as without spares.
    */
-  private async takeSpare(name: string): Promise<boolean> {
+  private async takeSpare(name: string): Promise<number | undefined> {
     try {
       return await this.spares!.takeInto(name);
     } catch {
-      return false;
+      return undefined;
     }
   }
 
