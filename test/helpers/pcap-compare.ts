@@ -67,6 +67,10 @@ export function tsharkPdus(file: string, port: number): Comparable[] {
     'tshark',
     [
       '-r', file,
+      // A loopback capture on a busy multi-CPU host can record a segment after the one that follows
+      // it. pcap-dump orders a connection's bytes by sequence number; tshark by default leaves an
+      // out-of-order segment undissected, and would miss the PDUs in it.
+      '-o', 'tcp.reassemble_out_of_order:TRUE',
       '-d', `tcp.port==${port},iscsi`,
       '-T', 'fields',
       '-E', 'separator=/t',
