@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { cp, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -18,7 +18,7 @@ import {
 } from '../src/capture/journal.ts';
 import { crc32c } from 'iscsi-node-wire';
 import pino from 'pino';
-import { JournalSpares } from '../src/capture/journal-spares.ts';
+import { JournalSpares, removeUnwantedSpares, spareDirFor } from '../src/capture/journal-spares.ts';
 import { mountTmpfs } from './helpers/small-disk.ts';
 import { SnapshotMap, type MapExtent } from '../src/capture/snapshot-map.ts';
 
@@ -1133,6 +1133,30 @@ describe('Journal spares (segment files written in advance)', () => {
     expect(recs.map((x) => x.seq)).toEqual([6]);
     expect((await r.readData(recs[0]!.location)).equals(pattern(6, 16 * 512))).toBe(true);
     await r.close();
+  });
+
+  it('the spares of a volume without journalSpare (removed from the configuration, or its journalSpare dropped) are removed, and nothing else', async () => {
+    const dataDir = await tempDir();
+    expect((await removeUnwantedSpares(dataDir, new Set(), silent)).size).toBe(0);
+    await sparesIn(spareDirFor(dataDir, 'kept'), 2 * SEG).refill();
+    await sparesIn(spareDirFor(dataDir, 'dropped'), 3 * SEG).refill();
+    await sparesIn(spareDirFor(dataDir, 'gone'), SEG).refill();
+    // A leftover .tmp of a refill killed mid-file goes with its directory.
+    await writeFile(path.join(spareDirFor(dataDir, 'gone'), 'spare-2.tmp'), Buffer.alloc(100));
+    // The rest of a volume's directory is not the spares' to touch.
+    await writeFile(path.join(dataDir, 'volumes', 'dropped', 'backup-state.json'), '{}');
+    await mkdir(path.join(dataDir, 'volumes', 'nospares', 'journal'), { recursive: true });
+    await writeFile(path.join(dataDir, 'volumes', 'nospares', 'journal', 'segment-0000000000000001.jnl'), 'records');
+    const lines: string[] = [];
+    const log = pino({ level: 'info' }, { write: (l: string) => void lines.push(l) });
+    const removed = await removeUnwantedSpares(dataDir, new Set(['kept']), log);
+    expect(Object.fromEntries(removed)).toEqual({ dropped: 3 * SEG, gone: SEG + 100 });
+    expect((await readdir(spareDirFor(dataDir, 'kept'))).sort()).toEqual(['spare-1', 'spare-2']);
+    expect((await readdir(path.join(dataDir, 'volumes', 'dropped'))).sort()).toEqual(['backup-state.json']);
+    expect(await readdir(path.join(dataDir, 'volumes', 'gone'))).toEqual([]);
+    expect(await readFile(path.join(dataDir, 'volumes', 'nospares', 'journal', 'segment-0000000000000001.jnl'), 'utf8')).toBe('records');
+    expect(lines.map((l) => JSON.parse(l).volume).sort()).toEqual(['dropped', 'gone']);
+    expect(JSON.parse(lines[0]!).freedBytes).toBeGreaterThan(0);
   });
 
   it('without spares left, new segments are new files again', async () => {

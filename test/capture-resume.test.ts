@@ -970,6 +970,13 @@ describe('capture gaps, in process against tgtd', () => {
     const written = logs2().filter((l) => l.msg === 'journal spares written');
     expect(written.length).toBe(1);
     expect(logs().some((l) => l.msg === 'journal spares written')).toBe(true);
+    // journalSpare taken out of the volume's configuration: the next start frees their space.
+    await proxy2.close();
+    const { journalSpare: _dropped, ...withoutSpare } = config.volumes[0]!;
+    const { proxy: proxy3, logs: logs3 } = await loggedProxy({ ...config, volumes: [withoutSpare] });
+    await waitUntil(() => !fs.existsSync(spareDir), 20_000, 'the spares removed');
+    expect(logs3().find((l) => l.msg === 'journal spares removed: the volume no longer has a journalSpare')).toMatchObject({ volume: 'vol1', freedBytes: 64 * MiB });
+    expect(proxy3.engine.spareBytes().size).toBe(0);
   }, 180_000);
 
   it('journalSpare: a backup that starts while the spares are being written stops that first, and they are written to the end once the backup is over', async () => {

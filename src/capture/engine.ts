@@ -6,7 +6,7 @@ import { BackupStore } from '../store/backup-store.ts';
 import { Catalog } from '../store/catalog.ts';
 import { BackupRun, interruptedBackupFile, journalDirFor, readInterruptedBackup, type BackupRunOptions, type InterruptedBackup } from './backup-run.ts';
 import { defaultSegmentBytes, Journal } from './journal.ts';
-import { JournalSpares, spareDirFor } from './journal-spares.ts';
+import { JournalSpares, removeUnwantedSpares, spareDirFor } from './journal-spares.ts';
 import type { Volume } from './volume.ts';
 
 /** What the engine reports to the metrics layer (all optional). */
@@ -202,6 +202,12 @@ export class Engine implements DetourEngine {
     for (const st of this.toFinish.splice(0)) this.track(this.finishHandedBack(st));
     for (const st of this.held.values()) this.track(this.resumeLoop(this.volumesByName.get(st.volume)!, st));
     for (const volume of this.spares.keys()) this.refillSpares(volume);
+    this.track(
+      removeUnwantedSpares(this.opts.dataDir, new Set(this.spares.keys()), this.opts.logger).then(
+        () => undefined,
+        (err: Error) => this.opts.logger.warn({ err: err.message }, 'could not remove the journal spares of volumes without journalSpare'),
+      ),
+    );
   }
 
   /** Tops up a volume's journal spares in the background, unless a backup has the volume. */

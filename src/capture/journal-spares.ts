@@ -18,7 +18,7 @@
 // compete with the journal for the disk.
 import { randomFillSync } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { mkdir, open, readdir, rename, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, statfs, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { JournalSpareSource } from './journal.ts';
@@ -26,6 +26,40 @@ import { allocChunkBuffers, DIRECT_IO_ALIGN, O_DIRECT } from '../store/chunk-mem
 
 export function spareDirFor(dataDir: string, volume: string): string {
   return path.join(dataDir, 'volumes', volume, 'journal-spare');
+}
+
+/**
+ * Removes the spares of volumes that no longer keep any: a volume taken out of the configuration,
+ * or one whose journalSpare was removed. Their space would otherwise stay taken with nothing to
+ * show for it (no metric, no refill). Spares are filler, never records, so nothing is lost.
+ * Resolves to the volumes whose spares went, with the bytes freed.
+ */
+export async function removeUnwantedSpares(dataDir: string, keep: ReadonlySet<string>, logger: Logger): Promise<Map<string, number>> {
+  const removed = new Map<string, number>();
+  let volumes: string[];
+  try {
+    volumes = await readdir(path.join(dataDir, 'volumes'));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return removed;
+    throw err;
+  }
+  for (const volume of volumes) {
+    if (keep.has(volume)) continue;
+    const dir = spareDirFor(dataDir, volume);
+    let names: string[];
+    try {
+      names = await readdir(dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ENOTDIR') continue;
+      throw err;
+    }
+    let bytes = 0;
+    for (const name of names) bytes += (await stat(path.join(dir, name)).catch(() => undefined))?.size ?? 0;
+    await rm(dir, { recursive: true, force: true });
+    removed.set(volume, bytes);
+    logger.info({ volume, dir, freedBytes: bytes }, 'journal spares removed: the volume no longer has a journalSpare');
+  }
+  return removed;
 }
 
 const SPARE_RE = /^spare-(\d+)$/;
