@@ -26,14 +26,17 @@ function captureFiles(): string[] {
 }
 
 let tgtd: Tgtd | undefined;
+let lunDir: string | undefined;
 afterEach(async () => {
   await tgtd?.stop();
   tgtd = undefined;
+  if (lunDir) fs.rmSync(lunDir, { recursive: true, force: true });
+  lunDir = undefined;
 });
 
 /** The recorded setup (captures README): disk1 is a 16 MiB LUN; chap is the same LUN behind CHAP. */
 async function recordedTarget(): Promise<Tgtd> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-replay-'));
+  const dir = (lunDir = fs.mkdtempSync(path.join(os.tmpdir(), 'detour-replay-')));
   const file = path.join(dir, 'disk1.img');
   return Tgtd.start({
     targets: [
