@@ -917,10 +917,11 @@ async function main(): Promise<number> {
     console.log(`  work directory's disk, write + fdatasync at QD 1: 2 MiB writes ${(disk.bytesPerSec / 1e6).toFixed(0)} MB/s, 4 KiB writes ${disk.smallSyncsPerSec.toFixed(0)}/s`);
     if (opts.sections.has('capture')) {
       await flushDirtyPages();
-      const j = await journalCeiling(work, 3, captureJournalSpare(opts) > 0);
+      const withSpares = captureJournalSpare(opts) > 0;
+      const j = await journalCeiling(work, 3, withSpares);
       results.journal = j;
       console.log(
-        `  detour's journal alone on that disk${captureJournalSpare(opts) > 0 ? ' (made of spares)' : ''}, QD ${QUEUE_DEPTH}, no network: 64 KiB appends ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s, ` +
+        `  detour's journal alone on that disk${withSpares ? ' (made of spares)' : ''}, QD ${QUEUE_DEPTH}, no network: 64 KiB appends ${(j.bytesPerSec / 1e6).toFixed(0)} MB/s, ` +
           `4 KiB appends ${j.smallPerSec.toFixed(0)}/s (${j.perGroup[0].toFixed(1)} and ${j.perGroup[1].toFixed(1)} records per commit group)`,
       );
     }

@@ -1267,9 +1267,14 @@ export class Journal extends EventEmitter<JournalEvents> {
     } catch (err) {
       if (!seg.deleted) throw err;
     } finally {
-      seg.readers--;
-      if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);
+      await this.unpin(seg);
     }
+  }
+
+  /** Ends a pin taken with `readers++`; the last one out closes a segment deleted meanwhile. */
+  private async unpin(seg: Segment): Promise<void> {
+    seg.readers--;
+    if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);
   }
 
   /** A durable record reaches the owner: through the hook, or kept as unreflected. */
@@ -1499,8 +1504,7 @@ export class Journal extends EventEmitter<JournalEvents> {
       await this.readExactly(seg, one, location.offset);
       for (let i = 1; i < blocks; i++) one.copy(out, outOffset + i * bs);
     } finally {
-      seg.readers--;
-      if (seg.deleted && seg.readers === 0) await seg.file.close().catch(() => undefined);
+      await this.unpin(seg);
     }
   }
 
